@@ -1,0 +1,1 @@
+"""ovdense: dense open-vocabulary perception with CLIP."""
