@@ -1,0 +1,154 @@
+"""The interface every CLIP image tower offers the dense heads.
+
+A head only changes the last transformer block, so a tower exposes exactly the pieces a head needs:
+the tokens entering the last block, that block's normalisation, its q/k/v projections, its attention
+output path and FFN, the unchanged block itself, and the final norm + projection into the joint
+embedding space. The towers wrap the real modules of a loaded open_clip / timm model; no CLIP code
+is forked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POS_EMBED_RULES = ("sclip", "size")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Pixel normalisation that travels with the weights (values in [0, 1] units)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: tuple[int, int]
+    interpolation: str = "bicubic"
+
+
+def resize_patch_pos_embed(
+    patch_pos: torch.Tensor, grid: tuple[int, int], rule: str, image_hw: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Resample a square grid of patch positional embeddings to another grid.
+
+    Args:
+        patch_pos: N x C embeddings of a sqrt(N) x sqrt(N) grid (no class token).
+        grid: target (h, w) in patches.
+        rule: ``"sclip"``: ``F.interpolate(scale_factor=((h + 0.1) / sqrt(N), (w + 0.1) / sqrt(N)))`` as
+            SCLIP, ClearCLIP and NACLIP do, keeping the original table when the grid is unchanged and the
+            input image is square (their early return); ``"size"``: ``F.interpolate(size=(h, w))`` as
+            MaskCLIP and EVA02 do. Both bicubic, align_corners=False, never antialiased.
+        image_hw: input pixel size, used by the ``"sclip"`` early-return rule.
+
+    Returns:
+        (h * w) x C embeddings, row-major over the target grid.
+    """
+    if rule not in POS_EMBED_RULES:
+        raise ValueError(f"unknown positional-embedding rule {rule!r}; expected one of {POS_EMBED_RULES}")
+    num, dim = patch_pos.shape
+    side = int(round(math.sqrt(num)))
+    if side * side != num:
+        raise ValueError(f"positional embedding of {num} patches is not a square grid")
+    h, w = grid
+    if rule == "sclip":
+        square_image = image_hw is None or image_hw[0] == image_hw[1]
+        if h * w == num and square_image:
+            return patch_pos
+    elif (h, w) == (side, side):
+        return patch_pos
+    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    # Interpolate in fp32: bicubic on fp16 tables is not supported everywhere and loses precision.
+    table = table.float()
+    if rule == "sclip":
+        out = F.interpolate(
+            table, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic", align_corners=False
+        )
+    else:
+        out = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+    if out.shape[-2:] != (h, w):
+        raise RuntimeError(f"positional embedding resized to {tuple(out.shape[-2:])}, expected {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(h * w, dim).to(patch_pos.dtype)
+
+
+class DenseTower(nn.Module):
+    """A CLIP image tower seen by the dense heads.
+
+    Token tensors are B x L x C with L = 1 + h * w (the class token first). q/k/v are
+    B x heads x L x head_dim.
+    """
+
+    kind: str = "abstract"
+    #: Tokens before the patch tokens ([CLS], registers); the dense map drops them.
+    num_prefix_tokens: int = 1
+    #: Attention-logit scale the DeCLIP head uses on this tower (EVA02: none, OpenAI ViT: head_dim^-0.5).
+    declip_scale: float = 1.0
+
+    def __init__(self, preprocess: Preprocess, patch_size: int, num_heads: int, width: int, out_dim: int):
+        super().__init__()
+        self.preprocess = preprocess
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.width = width
+        self.head_dim = width // num_heads
+        self.out_dim = out_dim
+
+    @property
+    def scale(self) -> float:
+        """The standard attention scale head_dim^-0.5."""
+        return self.head_dim**-0.5
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of height x width pixels (the patch conv floors)."""
+        return height // self.patch_size, width // self.patch_size
+
+    # The pieces below are implemented per tower.
+    def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
+        """Embed B x 3 x H x W images and run all blocks but the last.
+
+        Returns the B x L x C tokens entering the last block and a context dict (grid, RoPE, ...)
+        for :meth:`last_block`.
+        """
+        raise NotImplementedError
+
+    def last_norm1(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's pre-attention norm (ln_1 / norm1): B x L x C -> B x L x C."""
+        raise NotImplementedError
+
+    def qkv(self, x_normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last block's q, k, v (biases included, unscaled, no RoPE): each B x heads x L x head_dim."""
+        raise NotImplementedError
+
+    def attn_out(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """The last block's attention output path: B x heads x L x head_dim -> B x L x C (incl. layer scale)."""
+        raise NotImplementedError
+
+    def ffn(self, y: torch.Tensor) -> torch.Tensor:
+        """The last block's FFN branch (without the residual): B x L x C -> B x L x C."""
+        raise NotImplementedError
+
+    def last_block(self, x: torch.Tensor, context: dict) -> torch.Tensor:
+        """The unchanged last block: B x L x C -> B x L x C."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and projection into the joint space: B x L x C -> B x L x D."""
+        raise NotImplementedError
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's own global image embedding (B x D, not normalised)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """B x L x C -> B x heads x L x head_dim."""
+        b, n, c = t.shape
+        return t.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        """B x heads x L x head_dim -> B x L x C."""
+        b, h, n, d = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,25 @@
+"""Training-free dense heads, selectable by name."""
+
+from __future__ import annotations
+
+from .base import DenseHead
+from .clearclip import ClearClipHead
+from .clip import ClipHead
+from .declip import DeclipHead
+from .maskclip import MaskClipHead
+from .naclip import NaclipHead
+from .sclip import SclipHead
+
+HEADS: dict[str, type[DenseHead]] = {
+    cls.name: cls for cls in (ClipHead, MaskClipHead, SclipHead, ClearClipHead, NaclipHead, DeclipHead)
+}
+
+
+def create_head(name: str, **kwargs) -> DenseHead:
+    """Build a head by name (``clip``, ``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``declip``)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; available: {', '.join(HEADS)}")
+    return HEADS[name](**kwargs)
+
+
+__all__ = ["HEADS", "DenseHead", "create_head"]

@@ -1,0 +1,34 @@
+"""DeCLIP (Wang et al. 2025): the decoupled content head, no residual, no FFN."""
+
+from __future__ import annotations
+
+from .base import DenseHead, attend, self_softmax
+
+DECLIP_MODES = ("csa", "qq")
+
+
+class DeclipHead(DenseHead):
+    """y = attn_out(A v) with A = softmax(c q qᵀ) + softmax(c k kᵀ) (``csa``) or softmax(c q qᵀ) (``qq``).
+
+    On EVA02 (DeCLIP's released backbone, ``eva_vit_model.py`` ss_attn) c = 1: the reference comments
+    the scale out; q/k carry no RoPE; attn_out = proj(inner_attn_ln(·)) times gamma_1 where present.
+    On an OpenAI-style ViT DeCLIP scales by head_dim^-0.5. The tower says which (``declip_scale``).
+    """
+
+    name = "declip"
+    summary = "DeCLIP content head: softmax(qq)[+softmax(kk)], unscaled on EVA02, no residual/FFN"
+
+    def __init__(self, mode: str = "csa"):
+        if mode not in DECLIP_MODES:
+            raise ValueError(f"unknown DeCLIP mode {mode!r}; expected one of {DECLIP_MODES}")
+        self.mode = mode
+
+    def last_block(self, tower, x, context):
+        q, k, v = tower.qkv(tower.last_norm1(x))
+        weights = self_softmax(q, tower.declip_scale)
+        if self.mode == "csa":
+            weights = weights + self_softmax(k, tower.declip_scale)
+        return tower.attn_out(attend(weights, v))
+
+    def __repr__(self) -> str:
+        return f"DeclipHead(mode={self.mode!r})"
