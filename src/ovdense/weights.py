@@ -1,0 +1,326 @@
+"""Model names, pretrained tags, the hub cache and local checkpoint files.
+
+Every route ends in a real open_clip model (``CLIP`` or ``CustomTextCLIP``) with its tokenizer and
+preprocessing: open_clip names with a tag (downloaded through the Hugging Face hub cache), ``hf-hub:``
+repos, and local files: safetensors, open_clip ``.pt``/``.bin`` state dicts, OpenAI state dicts and
+TorchScript archives, and EVA-CLIP-layout ``{'state_dict': ...}`` checkpoints such as DeCLIP's releases
+(visual part through timm's EVA ``checkpoint_filter_fn``, ``text.*`` into open_clip's text tower).
+Pickled files are only read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.pretrained import get_pretrained_cfg
+
+from .backbones import DenseTower, is_test_model, register_test_models, tower_for
+from .errors import OvdenseError
+
+register_test_models()
+
+_OFFLINE_HELP = (
+    "On a machine with internet run `python -c \"import open_clip; open_clip.create_model('{name}', "
+    "pretrained='{tag}')\"` and copy ~/.cache/huggingface/hub to this machine (or set HF_HUB_CACHE), "
+    "or pass a local weights file with --checkpoint / checkpoint="
+)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded CLIP with what the dense pipeline needs.
+
+    Attributes:
+        model: open_clip ``CLIP`` / ``CustomTextCLIP`` in eval mode.
+        tokenizer: its open_clip tokenizer.
+        tower: dense access to the image tower.
+        model_name: open_clip architecture name (or ``hf-hub:...``).
+        source: where the weights came from (tag, repo or file; ``random`` for test archs).
+        activation: ``quick_gelu`` / ``gelu`` for OpenAI-style ViTs, ``swiglu`` for EVA02.
+        notes: things a user should know (e.g. the QuickGELU choice).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    tower: DenseTower
+    model_name: str
+    source: str
+    activation: str
+    is_test_model: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def list_models() -> list[str]:
+    """Architectures with a dense head: open_clip ViTs, EVA02 towers and the tiny test archs."""
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        vision = cfg.get("vision_cfg", {})
+        timm_name = vision.get("timm_model_name", "")
+        if cfg.get("multimodal_cfg") or vision.get("attentional_pool"):
+            continue
+        if timm_name and not timm_name.startswith(("eva02", "ovdense_test_eva02")):
+            continue
+        if not timm_name and (isinstance(vision.get("layers"), (list, tuple)) or not vision.get("patch_size")):
+            continue  # ResNets
+        if vision.get("pos_embed_type", "learnable") != "learnable" or "hf_model_name" in cfg.get("text_cfg", {}):
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when present else CPU; a CUDA request without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise OvdenseError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OvdenseError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OvdenseError(f"device {device!r} requested but MPS is not available on this machine")
+    return dev
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a weights file into a flat state dict.
+
+    Returns:
+        (state_dict, format) with format ``safetensors``, ``openai-jit`` or ``torch``.
+
+    Raises:
+        OvdenseError: missing, unreadable or corrupt file, or no tensors in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OvdenseError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu"), "safetensors"
+        if _is_torchscript_archive(path):
+            # OpenAI's releases are TorchScript archives: open_clip reads them with torch.jit.load too.
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                sd.pop(key, None)
+            return dict(sd), "openai-jit"
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except OvdenseError:
+        raise
+    except Exception as err:  # every reader raises its own type for a corrupt file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OvdenseError(f"cannot read checkpoint {path}: {first}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise OvdenseError(f"cannot read checkpoint {path}: it holds no state dict of tensors")
+    if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj, "torch"
+
+
+def _summarise_mismatch(err: Exception | None, missing, unexpected, label: str) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if err is not None and not parts:
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        parts.append(lines[0].rstrip(".") if lines else str(err).splitlines()[0])
+    return f"checkpoint does not fit {label}: " + "; ".join(parts)
+
+
+def _load_strict(module: torch.nn.Module, state_dict: dict, label: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise OvdenseError(_summarise_mismatch(None, missing, unexpected, label))
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise OvdenseError(_summarise_mismatch(err, [], [], label)) from None
+
+
+def _is_eva_clip_layout(state_dict: dict) -> bool:
+    return any(k.startswith(("visual.blocks.", "visual.pos_embed")) for k in state_dict)
+
+
+def load_state_into(model, state_dict: dict, model_name: str, allow_missing_text: bool = False) -> str:
+    """Load a flat state dict (any supported layout) into an open_clip model, strictly.
+
+    Returns the detected layout (``eva-clip`` or ``open_clip``).
+    """
+    if _is_eva_clip_layout(state_dict):
+        trunk = getattr(model.visual, "trunk", None)
+        if trunk is None:
+            raise OvdenseError(f"checkpoint is an EVA-CLIP (EVA02) checkpoint; {model_name} is not an EVA02 model")
+        from timm.models.eva import checkpoint_filter_fn
+
+        visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
+        # The filter renames EVA-CLIP keys (q_bias, inner_attn_ln, w1/w2/w3...) to timm's; it only
+        # resamples position tables when their size differs, which _load_strict then reports anyway.
+        try:
+            converted = checkpoint_filter_fn(visual, trunk)
+        except Exception as err:
+            raise OvdenseError(f"checkpoint does not fit {model_name}: {err}") from None
+        _load_strict(trunk, converted, f"{model_name} (image tower)")
+        text = {k[len("text.") :]: v for k, v in state_dict.items() if k.startswith("text.")}
+        if text:
+            _load_strict(model.text, text, f"{model_name} (text tower)")
+        elif not allow_missing_text:
+            raise OvdenseError(
+                "checkpoint holds no text tower (text.*); also pass the base weights' tag "
+                "(e.g. --pretrained merged2b_s8b_b131k) to take the text tower from them"
+            )
+        if "logit_scale" in state_dict:
+            model.logit_scale.data.copy_(state_dict["logit_scale"].reshape(model.logit_scale.shape))
+        return "eva-clip"
+    sd = dict(state_dict)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = open_clip.model.convert_to_custom_text_state_dict(sd)
+    if "logit_scale" in sd and model.logit_scale.ndim != sd["logit_scale"].ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    _load_strict(model, sd, model_name)
+    return "open_clip"
+
+
+def _activation(model, model_cfg_quick: bool) -> str:
+    if hasattr(model.visual, "trunk"):
+        return "swiglu"
+    return "quick_gelu" if model_cfg_quick else "gelu"
+
+
+def _hub_failure(err: Exception, name: str, tag: str) -> OvdenseError:
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return OvdenseError(
+        f"weights for {name} ({tag}) are not in the local cache and could not be downloaded ({first}). "
+        + _OFFLINE_HELP.format(name=name, tag=tag)
+    )
+
+
+def load_model(
+    model_name: str,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = "cpu",
+) -> LoadedModel:
+    """Load a CLIP for dense inference.
+
+    Args:
+        model_name: an open_clip architecture (see :func:`list_models`), ``hf-hub:org/repo``, or a test arch
+            (``ovdense-test-vit``, ``ovdense-test-eva02``; random weights).
+        pretrained: an open_clip pretrained tag (e.g. ``openai``), or a weights file path.
+        checkpoint: a weights file (safetensors, open_clip/OpenAI state dict, OpenAI TorchScript archive,
+            EVA-CLIP layout). With ``pretrained`` too, the tag's weights load first and the file overrides
+            them (for checkpoints holding only the image tower).
+        device: where to put the model; CUDA requested without CUDA is an error.
+
+    Raises:
+        OvdenseError: with a one-line, actionable message.
+    """
+    dev = resolve_device(device)
+    if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and checkpoint is None:
+        checkpoint, pretrained = pretrained, None
+    notes: list[str] = []
+    hub = model_name.startswith("hf-hub:")
+    if not hub and model_name not in open_clip.list_models():
+        raise OvdenseError(f"unknown model {model_name!r}; run `ovdense list-models` to see the choices")
+    if not hub and model_name not in list_models():
+        raise OvdenseError(f"model {model_name!r} has no dense head in ovdense (only ViT and EVA02 towers)")
+    test_arch = is_test_model(model_name)
+    if test_arch and pretrained:
+        raise OvdenseError(f"{model_name} is a random test architecture; it has no pretrained tag")
+    cfg_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)) if not hub else False
+
+    if hub:
+        if pretrained:
+            raise OvdenseError("an hf-hub: model carries its own weights; drop --pretrained")
+        try:
+            model = open_clip.create_model(model_name, device="cpu")
+        except Exception as err:
+            raise _hub_failure(err, model_name, "hub repo") from None
+        source = model_name
+        cfg_quick = any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise OvdenseError(
+                f"unknown pretrained tag {pretrained!r} for {model_name}; available: {', '.join(tags) or 'none'}"
+            )
+        tag_quick = bool(get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+        if tag_quick and not cfg_quick:
+            # open_clip builds GELU for 'ViT-B-16' even with OpenAI weights, which silently changes features.
+            notes.append(f"{model_name}/{pretrained} was trained with QuickGELU; using QuickGELU")
+        cfg_quick = cfg_quick or tag_quick
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=cfg_quick, device="cpu")
+        except Exception as err:
+            raise _hub_failure(err, model_name, pretrained) from None
+        source = f"{model_name}/{pretrained}"
+    else:
+        model = None
+        source = "random (test architecture)" if test_arch else None
+
+    if checkpoint is not None:
+        state_dict, fmt = read_checkpoint(checkpoint)
+        if fmt == "openai-jit" and not cfg_quick:
+            notes.append("OpenAI TorchScript archive: using QuickGELU")
+            cfg_quick = True
+            model = None
+        if model is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = open_clip.create_model(model_name, force_quick_gelu=cfg_quick, device="cpu")
+        layout = load_state_into(model, state_dict, model_name, allow_missing_text=pretrained is not None)
+        source = f"{checkpoint} ({fmt}, {layout} layout)"
+        if layout == "open_clip" and not cfg_quick and not hasattr(model.visual, "trunk"):
+            notes.append(
+                f"activation GELU (from the name {model_name}); OpenAI weights need {model_name}-quickgelu"
+            )
+    elif model is None:
+        if not test_arch:
+            raise OvdenseError(
+                f"no weights given for {model_name}: pass pretrained= a tag "
+                f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)[:4])}...) or checkpoint= a file"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # test archs are random but reproducible
+            model = open_clip.create_model(model_name, device="cpu")
+
+    model = model.to(dev).eval()
+    logging.getLogger(__name__).debug("loaded %s from %s", model_name, source)
+    try:
+        tower = tower_for(model)
+    except ValueError as err:
+        raise OvdenseError(str(err)) from None
+    return LoadedModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        tower=tower,
+        model_name=model_name,
+        source=source,
+        activation=_activation(model, cfg_quick),
+        is_test_model=test_arch,
+        notes=notes,
+    )
