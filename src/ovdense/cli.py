@@ -1,0 +1,239 @@
+"""Command line: ``ovdense segment | list-models | list-methods``.
+
+Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA...)
+prints one line on stderr and exits 2, before anything is written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import OvdenseError
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
+    g.add_argument("--checkpoint", default=None, help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)")
+    g.add_argument("--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip")
+    g.add_argument("--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
+    g.add_argument("--text-cache", default=None, help="text-embedding cache dir ('off' disables)")
+    o = p.add_argument_group("preset overrides (default: the method's published settings)")
+    o.add_argument("--short-side", type=int, default=None)
+    o.add_argument("--long-side", type=int, default=None)
+    o.add_argument("--crop", type=int, default=None, help="window size in pixels, 0 = whole image")
+    o.add_argument("--stride", type=int, default=None)
+    o.add_argument("--logit-scale", type=float, default=None)
+    o.add_argument("--prob-thd", type=float, default=None, help="pixels below it become class 0 (background)")
+    o.add_argument("--area-thd", type=float, default=None)
+    o.add_argument("--pamr", default=None, choices=("on", "off"))
+
+
+def _preset_overrides(args) -> dict:
+    return {
+        "short_side": args.short_side,
+        "long_side": args.long_side,
+        "crop": args.crop,
+        "stride": args.stride,
+        "logit_scale": args.logit_scale,
+        "prob_thd": args.prob_thd,
+        "area_thd": args.area_thd,
+        "pamr": None if args.pamr is None else args.pamr == "on",
+    }
+
+
+def _default_pretrained(args) -> str | None:
+    if args.pretrained or args.checkpoint or args.model.startswith("hf-hub:"):
+        return args.pretrained
+    from .backbones import is_test_model
+
+    if is_test_model(args.model):
+        return None
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(args.model)
+    return "openai" if "openai" in tags else (tags[0] if tags else None)
+
+
+def _read_classes(args) -> list[list[str]]:
+    from .text import parse_class_string, read_class_file
+
+    if args.classes and args.classes_file:
+        raise OvdenseError("give --classes or --classes-file, not both")
+    try:
+        if args.classes_file:
+            return read_class_file(args.classes_file)
+        if args.classes is None:
+            raise OvdenseError("no classes: pass --classes \"sky; person, person in shirt; tree\" or --classes-file")
+        return parse_class_string(args.classes)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise OvdenseError(str(err).splitlines()[0]) from None
+
+
+def _check_images(paths: list[str]) -> list[Path]:
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise OvdenseError(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise OvdenseError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else 'not an image'}")
+        out.append(path)
+    return out
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        stems.append(p.stem if n == 0 else f"{p.stem}_{n}")
+    return stems
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _warn_test_model(name: str) -> None:
+    bar = "!" * 78
+    print(
+        f"{bar}\nWARNING: {name} is a RANDOM test architecture. Its predictions are meaningless;\n"
+        f"use it for tests and smoke runs only.\n{bar}",
+        file=sys.stderr,
+    )
+
+
+def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    from .predictor import Segmenter
+    from .viz import save_image_atomic, save_label_png
+
+    classes = _read_classes(args)
+    images = _check_images(args.images)
+    if args.window_batch < 1:
+        raise OvdenseError("--window-batch must be >= 1")
+    cache = False if args.text_cache == "off" else args.text_cache
+    seg = Segmenter.from_pretrained(
+        args.model,
+        pretrained=_default_pretrained(args),
+        checkpoint=args.checkpoint,
+        method=args.method,
+        dataset=args.dataset,
+        device=args.device,
+        precision=args.precision,
+        window_batch=args.window_batch,
+        text_cache_dir=cache,
+        **_preset_overrides(args),
+    )
+    loaded = seg.loaded
+    if loaded.is_test_model:
+        _warn_test_model(args.model)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OvdenseError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    seg.text_classifier(classes)  # text first: one bar, and errors before any image work
+    for path, stem in tqdm(list(zip(images, _unique_stems(images))), desc="segment", unit="img", disable=None):
+        seg.set_image(path)
+        result = seg.predict(classes)
+        save_image_atomic(result.overlay(alpha=args.alpha), out / f"{stem}_overlay.png")
+        save_label_png(result.labels, out / f"{stem}_labels.png")
+        summary = {
+            "image": str(path),
+            "size": list(result.labels.shape),
+            "model": args.model,
+            "weights": loaded.source,
+            "activation": loaded.activation,
+            "classes": result.class_names,
+            "areas": result.areas(),
+            "settings": result.settings,
+        }
+        _write_json_atomic(summary, out / f"{stem}.json")
+    print(f"wrote {len(images)} overlay(s), label map(s) and JSON summaries to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_list_models(args) -> int:
+    import open_clip
+
+    from .weights import list_models
+
+    for name in list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        print(f"{name}\t{', '.join(tags) if tags else '(random test architecture)' if name.startswith('ovdense-test') else '-'}")
+    return 0
+
+
+def cmd_list_methods(args) -> int:
+    from .heads import HEADS
+    from .presets import METHODS
+
+    for name, (base, per_dataset) in METHODS.items():
+        head = HEADS[base["head"]]
+        extra = f" (datasets with own settings: {', '.join(per_dataset)})" if per_dataset else ""
+        print(f"{name}\t{head.summary}{extra}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovdense", description="Dense open-vocabulary perception with CLIP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="segment images with any class names; writes overlays, label PNGs, JSON")
+    seg.add_argument("images", nargs="+", metavar="IMAGE")
+    seg.add_argument("--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)')
+    seg.add_argument("--classes-file", default=None, help="one class per line, names separated by ', '")
+    seg.add_argument("--out", required=True, help="output directory")
+    seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    _add_model_args(seg)
+    seg.set_defaults(func=cmd_segment)
+    lm = sub.add_parser("list-models", help="architectures with a dense head and their pretrained tags")
+    lm.set_defaults(func=cmd_list_models)
+    lme = sub.add_parser("list-methods", help="dense heads / method presets")
+    lme.set_defaults(func=cmd_list_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OvdenseError as err:
+        print(f"ovdense: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ovdense: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
