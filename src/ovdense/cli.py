@@ -7,10 +7,7 @@ prints one line on stderr and exits 2, before anything is written to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import OvdenseError
@@ -20,11 +17,21 @@ EXIT_USAGE = 2
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
-    g.add_argument("--checkpoint", default=None, help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)")
+    g.add_argument(
+        "--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)"
+    )
+    g.add_argument(
+        "--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)"
+    )
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
+    )
     g.add_argument("--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip")
-    g.add_argument("--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)")
+    g.add_argument(
+        "--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)"
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
@@ -75,27 +82,21 @@ def _read_classes(args) -> list[list[str]]:
         if args.classes_file:
             return read_class_file(args.classes_file)
         if args.classes is None:
-            raise OvdenseError("no classes: pass --classes \"sky; person, person in shirt; tree\" or --classes-file")
+            raise OvdenseError(
+                'no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file'
+            )
         return parse_class_string(args.classes)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise OvdenseError(str(err).splitlines()[0]) from None
 
 
 def _check_images(paths: list[str]) -> list[Path]:
-    from PIL import Image, UnidentifiedImageError
+    """Decode every image before anything is written, so a bad file stops the run with nothing half-done."""
+    from .predictor import load_image
 
-    out = []
     for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise OvdenseError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise OvdenseError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else 'not an image'}")
-        out.append(path)
-    return out
+        load_image(raw)
+    return [Path(p) for p in paths]
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -106,18 +107,6 @@ def _unique_stems(paths: list[Path]) -> list[str]:
         seen[p.stem] = n + 1
         stems.append(p.stem if n == 0 else f"{p.stem}_{n}")
     return stems
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _warn_test_model(name: str) -> None:
@@ -132,6 +121,7 @@ def _warn_test_model(name: str) -> None:
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
+    from .fileio import write_json_atomic
     from .predictor import Segmenter
     from .viz import save_image_atomic, save_label_png
 
@@ -162,7 +152,9 @@ def cmd_segment(args) -> int:
         raise OvdenseError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     seg.text_classifier(classes)  # text first: one bar, and errors before any image work
-    for path, stem in tqdm(list(zip(images, _unique_stems(images))), desc="segment", unit="img", disable=None):
+    for path, stem in tqdm(
+        list(zip(images, _unique_stems(images), strict=True)), desc="segment", unit="img", disable=None
+    ):
         seg.set_image(path)
         result = seg.predict(classes)
         save_image_atomic(result.overlay(alpha=args.alpha), out / f"{stem}_overlay.png")
@@ -177,7 +169,7 @@ def cmd_segment(args) -> int:
             "areas": result.areas(),
             "settings": result.settings,
         }
-        _write_json_atomic(summary, out / f"{stem}.json")
+        write_json_atomic(summary, out / f"{stem}.json")
     print(f"wrote {len(images)} overlay(s), label map(s) and JSON summaries to {out}", file=sys.stderr)
     return 0
 
@@ -189,7 +181,9 @@ def cmd_list_models(args) -> int:
 
     for name in list_models():
         tags = open_clip.list_pretrained_tags_by_model(name)
-        print(f"{name}\t{', '.join(tags) if tags else '(random test architecture)' if name.startswith('ovdense-test') else '-'}")
+        if not tags:
+            tags = ["(random test architecture)"] if name.startswith("ovdense-test") else ["-"]
+        print(f"{name}\t{', '.join(tags)}")
     return 0
 
 
@@ -205,11 +199,17 @@ def cmd_list_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovdense", description="Dense open-vocabulary perception with CLIP.")
+    parser = argparse.ArgumentParser(
+        prog="ovdense", description="Dense open-vocabulary perception with CLIP."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser("segment", help="segment images with any class names; writes overlays, label PNGs, JSON")
+    seg = sub.add_parser(
+        "segment", help="segment images with any class names; writes overlays, label PNGs, JSON"
+    )
     seg.add_argument("images", nargs="+", metavar="IMAGE")
-    seg.add_argument("--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)')
+    seg.add_argument(
+        "--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)'
+    )
     seg.add_argument("--classes-file", default=None, help="one class per line, names separated by ', '")
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")

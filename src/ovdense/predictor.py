@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import OvdenseError
 from .heads import DenseHead, create_head
@@ -33,7 +33,8 @@ def load_image(image) -> np.ndarray:
             raise OvdenseError(f"image not found: {path}")
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                # mmseg decodes with cv2, which applies the EXIF orientation; so do we.
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise OvdenseError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
     if isinstance(image, Image.Image):
@@ -129,8 +130,9 @@ class Segmenter:
         self.templates = templates
         self.head: DenseHead = create_head(preset.head, **preset.head_kwargs)
         tower = loaded.tower
-        self._mean = torch.tensor(tower.preprocess.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(tower.preprocess.std, device=device).view(1, 3, 1, 1)
+        # mmseg normalises 0-255 pixels with 0-255 statistics; doing the same keeps fp32 rounding equal.
+        self._mean = torch.tensor([255.0 * m for m in tower.preprocess.mean], device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor([255.0 * s for s in tower.preprocess.std], device=device).view(1, 3, 1, 1)
         self._text: dict[tuple, TextClassifier] = {}
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
@@ -200,7 +202,7 @@ class Segmenter:
         img = load_image(image)
         p = self.preset
         resized = mmseg_resize(img, p.long_side, p.short_side)
-        x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float()
         x = (x - self._mean) / self._std
         self._image = img
         self._input = x
@@ -241,7 +243,9 @@ class Segmenter:
         h0, w0 = self._image.shape[:2]
         cosine = assemble_cosine_maps(self._features, text.embeddings.to(self.device), (h0, w0))
         if p.pamr:
-            guide = torch.nn.functional.interpolate(self._input, size=(h0, w0), mode="bilinear", align_corners=False)
+            guide = torch.nn.functional.interpolate(
+                self._input, size=(h0, w0), mode="bilinear", align_corners=False
+            )
             cosine = pamr(guide, cosine, iterations=p.pamr_iterations, dilations=p.pamr_dilations)
         labels, class_probs = cosine_to_labels(
             cosine[0], text.name_to_class.to(self.device), p.logit_scale, p.prob_thd, p.area_thd

@@ -25,8 +25,8 @@ from .errors import OvdenseError
 register_test_models()
 
 _OFFLINE_HELP = (
-    "On a machine with internet run `python -c \"import open_clip; open_clip.create_model('{name}', "
-    "pretrained='{tag}')\"` and copy ~/.cache/huggingface/hub to this machine (or set HF_HUB_CACHE), "
+    'On a machine with internet run `python -c "import open_clip; open_clip.create_model({args})"` and '
+    "copy ~/.cache/huggingface/hub to this machine (or set HF_HUB_CACHE), "
     "or pass a local weights file with --checkpoint / checkpoint="
 )
 
@@ -66,9 +66,13 @@ def list_models() -> list[str]:
             continue
         if timm_name and not timm_name.startswith(("eva02", "ovdense_test_eva02")):
             continue
-        if not timm_name and (isinstance(vision.get("layers"), (list, tuple)) or not vision.get("patch_size")):
+        if not timm_name and (
+            isinstance(vision.get("layers"), (list, tuple)) or not vision.get("patch_size")
+        ):
             continue  # ResNets
-        if vision.get("pos_embed_type", "learnable") != "learnable" or "hf_model_name" in cfg.get("text_cfg", {}):
+        if vision.get("pos_embed_type", "learnable") != "learnable" or "hf_model_name" in cfg.get(
+            "text_cfg", {}
+        ):
             continue
         names.append(name)
     return names
@@ -171,7 +175,9 @@ def load_state_into(model, state_dict: dict, model_name: str, allow_missing_text
     if _is_eva_clip_layout(state_dict):
         trunk = getattr(model.visual, "trunk", None)
         if trunk is None:
-            raise OvdenseError(f"checkpoint is an EVA-CLIP (EVA02) checkpoint; {model_name} is not an EVA02 model")
+            raise OvdenseError(
+                f"checkpoint is an EVA-CLIP (EVA02) checkpoint; {model_name} is not an EVA02 model"
+            )
         from timm.models.eva import checkpoint_filter_fn
 
         visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
@@ -208,14 +214,16 @@ def _activation(model, model_cfg_quick: bool) -> str:
     return "quick_gelu" if model_cfg_quick else "gelu"
 
 
-def _hub_failure(err: Exception, name: str, tag: str) -> OvdenseError:
+def _hub_failure(err: Exception, name: str, tag: str | None) -> OvdenseError:
+    """``tag`` None: an ``hf-hub:`` repo (no pretrained= in the suggested command)."""
     cause = err
     while cause.__cause__ is not None:
         cause = cause.__cause__
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    args = f"'{name}', pretrained='{tag}'" if tag else f"'{name}'"
     return OvdenseError(
-        f"weights for {name} ({tag}) are not in the local cache and could not be downloaded ({first}). "
-        + _OFFLINE_HELP.format(name=name, tag=tag)
+        f"weights for {name} ({tag or 'hub repo'}) are not in the local cache and could not be downloaded "
+        f"({first}). " + _OFFLINE_HELP.format(args=args)
     )
 
 
@@ -240,7 +248,11 @@ def load_model(
         OvdenseError: with a one-line, actionable message.
     """
     dev = resolve_device(device)
-    if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and checkpoint is None:
+    if (
+        pretrained
+        and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
+        and checkpoint is None
+    ):
         checkpoint, pretrained = pretrained, None
     notes: list[str] = []
     hub = model_name.startswith("hf-hub:")
@@ -251,22 +263,27 @@ def load_model(
     test_arch = is_test_model(model_name)
     if test_arch and pretrained:
         raise OvdenseError(f"{model_name} is a random test architecture; it has no pretrained tag")
-    cfg_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)) if not hub else False
+    cfg_quick = (
+        bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)) if not hub else False
+    )
 
     if hub:
         if pretrained:
             raise OvdenseError("an hf-hub: model carries its own weights; drop --pretrained")
         try:
-            model = open_clip.create_model(model_name, device="cpu")
+            # Without require_pretrained open_clip only logs a warning when the repo's weights file cannot be
+            # had, and returns a randomly initialised model.
+            model = open_clip.create_model(model_name, device="cpu", require_pretrained=True)
         except Exception as err:
-            raise _hub_failure(err, model_name, "hub repo") from None
+            raise _hub_failure(err, model_name, None) from None
         source = model_name
         cfg_quick = any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
             raise OvdenseError(
-                f"unknown pretrained tag {pretrained!r} for {model_name}; available: {', '.join(tags) or 'none'}"
+                f"unknown pretrained tag {pretrained!r} for {model_name}; "
+                f"available: {', '.join(tags) or 'none'}"
             )
         tag_quick = bool(get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
         if tag_quick and not cfg_quick:
@@ -274,7 +291,9 @@ def load_model(
             notes.append(f"{model_name}/{pretrained} was trained with QuickGELU; using QuickGELU")
         cfg_quick = cfg_quick or tag_quick
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=cfg_quick, device="cpu")
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, force_quick_gelu=cfg_quick, device="cpu"
+            )
         except Exception as err:
             raise _hub_failure(err, model_name, pretrained) from None
         source = f"{model_name}/{pretrained}"
@@ -300,9 +319,10 @@ def load_model(
             )
     elif model is None:
         if not test_arch:
+            some_tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)[:4])
             raise OvdenseError(
-                f"no weights given for {model_name}: pass pretrained= a tag "
-                f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)[:4])}...) or checkpoint= a file"
+                f"no weights given for {model_name}: "
+                f"pass pretrained= a tag ({some_tags}...) or checkpoint= a file"
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # test archs are random but reproducible

@@ -122,7 +122,7 @@ class DenseTower(nn.Module):
         raise NotImplementedError
 
     def attn_out(self, heads_out: torch.Tensor) -> torch.Tensor:
-        """The last block's attention output path: B x heads x L x head_dim -> B x L x C (incl. layer scale)."""
+        """The last block's attention output: B x heads x L x head_dim -> B x L x C (incl. layer scale)."""
         raise NotImplementedError
 
     def ffn(self, y: torch.Tensor) -> torch.Tensor:

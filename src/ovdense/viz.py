@@ -1,0 +1,338 @@
+"""Pictures to look at after segmenting: colour overlays with a legend, and palette label PNGs.
+
+All label maps are H x W integer arrays of class indices. Colours follow the PASCAL VOC colormap
+(class 0 black, 1 dark red, 2 dark green, ...), the same one VOC label PNGs and ``imgviz`` use, so a
+label PNG written here opens in any viewer with the usual VOC colours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import OvdenseError
+from .fileio import write_atomic
+
+__all__ = [
+    "class_areas",
+    "colorize",
+    "label_palette",
+    "overlay",
+    "save_image_atomic",
+    "save_label_png",
+]
+
+MAX_PALETTE = 256  # a P-mode PNG holds at most 256 colours
+_PANEL_BG = (255, 255, 255)
+_TEXT = (0, 0, 0)
+# Swatch outline: grey with channels that are not multiples of 32, so it never equals a VOC colour.
+_SWATCH_OUTLINE = (100, 100, 100)
+_BOUNDARY = (255, 255, 255)
+_MAX_NAME_CHARS = 48
+
+
+class VizInputError(OvdenseError, ValueError):
+    """Bad input to a viz function: a ``ValueError`` that the CLI also reports as a one-line user error."""
+
+
+# --------------------------------------------------------------------------------------------- colours
+
+
+def label_palette(num_classes: int = MAX_PALETTE) -> np.ndarray:
+    """The PASCAL VOC colormap: ``num_classes`` x 3 uint8 RGB, row ``i`` the colour of class ``i``.
+
+    Class 0 is black, 1 is (128, 0, 0), 2 is (0, 128, 0), 3 is (128, 128, 0), ... (bits of the class
+    index interleaved into the high bits of R, G, B). At most 256 classes: a P-mode PNG has 256 colours.
+    """
+    num_classes = int(num_classes)
+    if num_classes < 0 or num_classes > MAX_PALETTE:
+        raise VizInputError(f"num_classes must be in 0..{MAX_PALETTE}, got {num_classes}")
+    idx = np.arange(num_classes, dtype=np.int64)
+    cmap = np.zeros((num_classes, 3), dtype=np.int64)
+    for j in range(8):
+        shift = 7 - j
+        for channel in range(3):
+            cmap[:, channel] |= ((idx >> (3 * j + channel)) & 1) << shift
+    return cmap.astype(np.uint8)
+
+
+def _as_palette(palette, what: str = "palette") -> np.ndarray:
+    pal = np.asarray(palette)
+    if pal.ndim != 2 or pal.shape[1] != 3:
+        raise VizInputError(f"{what} must be N x 3 RGB, got shape {pal.shape}")
+    if pal.shape[0] > MAX_PALETTE:
+        raise VizInputError(f"{what} has {pal.shape[0]} colours; at most {MAX_PALETTE} are supported")
+    if pal.size and (pal.min() < 0 or pal.max() > 255):
+        raise VizInputError(f"{what} values must be in 0..255")
+    return pal.astype(np.uint8)
+
+
+def _as_labels(labels, what: str = "labels") -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise VizInputError(f"{what} must be an H x W array, got shape {lab.shape}")
+    if lab.dtype.kind == "b":
+        lab = lab.astype(np.int64)
+    elif lab.dtype.kind not in "iu":
+        raise VizInputError(f"{what} must hold integers, got dtype {lab.dtype}")
+    return lab
+
+
+def _check_range(lab: np.ndarray, n: int, what: str) -> None:
+    if lab.size == 0:
+        return
+    lo, hi = int(lab.min()), int(lab.max())
+    if lo < 0 or hi >= n:
+        raise VizInputError(f"label values must be in 0..{n - 1} ({what}), got values in {lo}..{hi}")
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Colour a label map.
+
+    Args:
+        labels: H x W integer class indices.
+        palette: N x 3 uint8 colours (default: the 256-colour VOC palette); every label must be < N.
+
+    Returns:
+        H x W x 3 uint8 RGB image with ``out[y, x] == palette[labels[y, x]]``.
+    """
+    lab = _as_labels(labels)
+    pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
+    _check_range(lab, len(pal), f"the palette has {len(pal)} colours")
+    return pal[lab]
+
+
+# --------------------------------------------------------------------------------------------- overlay
+
+
+def _as_rgb(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise VizInputError(f"image must be H x W x 3 RGB, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise VizInputError(f"image must be uint8, got dtype {arr.dtype}")
+    return arr[:, :, :3]
+
+
+def _boundary_mask(lab: np.ndarray) -> np.ndarray:
+    """H x W bool: pixels whose right or lower neighbour has another label (1 px thin lines)."""
+    edge = np.zeros(lab.shape, dtype=bool)
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+    return edge
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _display(name: str) -> str:
+    name = " ".join(str(name).split())  # no newlines or tabs in a legend row
+    if len(name) > _MAX_NAME_CHARS:
+        name = name[: _MAX_NAME_CHARS - 3] + "..."
+    return name
+
+
+def _legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
+    """A white panel listing (colour, name) rows; sizes scale with ``image_height``."""
+    font_size = int(np.clip(round(image_height / 32), 12, 128))
+    font = _font(font_size)
+    swatch = max(8, round(font_size * 1.1))
+    pad = max(4, round(font_size * 0.6))
+    gap = max(4, round(font_size * 0.5))
+    col_gap = max(8, round(font_size * 1.2))
+    outline = 1 if swatch < 24 else max(1, swatch // 24)
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), text, font=font) for _, text in entries]
+    text_w = [b[2] - b[0] for b in boxes]
+    text_h = max(max((b[3] - b[1] for b in boxes), default=0), font_size)
+    row_h = max(swatch, text_h) + max(3, round(font_size * 0.4))
+
+    # Several columns when a tall list would make the picture much taller than the image.
+    rows_per_col = max(12, (image_height - 2 * pad) // row_h)
+    ncols = -(-len(entries) // rows_per_col)
+    nrows = -(-len(entries) // ncols)
+    has_swatch = any(colour is not None for colour, _ in entries)
+    lead = swatch + gap if has_swatch else 0
+    col_w = [lead + max(text_w[c * nrows : (c + 1) * nrows]) for c in range(ncols)]
+    width = 2 * pad + sum(col_w) + col_gap * (ncols - 1)
+    height = 2 * pad + nrows * row_h
+
+    panel = Image.new("RGB", (width, height), _PANEL_BG)
+    draw = ImageDraw.Draw(panel)
+    x0 = pad
+    for c in range(ncols):
+        for r, i in enumerate(range(c * nrows, min((c + 1) * nrows, len(entries)))):
+            colour, text = entries[i]
+            cy = pad + r * row_h + row_h // 2
+            if colour is not None:
+                top = cy - swatch // 2
+                draw.rectangle(
+                    (x0, top, x0 + swatch - 1, top + swatch - 1),
+                    fill=colour,
+                    outline=_SWATCH_OUTLINE,
+                    width=outline,
+                )
+            left, t, _, b = boxes[i]
+            draw.text((x0 + lead - left, cy - (t + b) / 2), text, fill=_TEXT, font=font)
+        x0 += col_w[c] + col_gap
+    return panel
+
+
+def overlay(
+    image,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    legend: bool = True,
+    only_present: bool = True,
+    *,
+    boundaries: bool = False,
+) -> Image.Image:
+    """The image with each pixel's class colour blended in, and a legend panel on the right.
+
+    Args:
+        image: H x W x 3 uint8 RGB array (H x W grey and H x W x 4 are accepted too) or a PIL image.
+        labels: H x W integer class indices into ``class_names``. Values outside 0..n-1 (e.g. 255
+            "void" or -1) are unlabelled: those pixels keep the image unchanged.
+        class_names: display name of each class; class ``i`` gets VOC colour ``label_palette()[i]``.
+        alpha: colour opacity in 0..1. Overlay pixels are
+            ``rint(image.astype(float32) * (1 - alpha) + colour.astype(float32) * alpha)`` as uint8.
+        legend: add a white panel to the right of the image listing classes with a colour swatch and
+            their name; font and swatch size scale with the image height.
+        only_present: list only the classes that occur in ``labels`` (in class order); "no classes"
+            when none do (every pixel unlabelled). ``False`` lists every class.
+        boundaries: draw 1 px white lines where the label changes (off by default).
+
+    Returns:
+        RGB PIL image. Its top-left W x H region is the blended image; with a legend, the width is
+        ``W + panel width`` and the height ``max(H, panel height)``, the rest filled white.
+    """
+    rgb = _as_rgb(image)
+    lab = _as_labels(labels)
+    if lab.shape != rgb.shape[:2]:
+        raise VizInputError(f"labels shape {lab.shape} does not match image size {rgb.shape[:2]}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise VizInputError("image is empty")
+    names = [str(n) for n in class_names]
+    n = len(names)
+    if n == 0:
+        raise VizInputError("class_names is empty")
+    if n > MAX_PALETTE:
+        raise VizInputError(f"{n} classes; at most {MAX_PALETTE} can be coloured")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise VizInputError(f"alpha must be in 0..1, got {alpha}")
+
+    pal = label_palette(n)
+    valid = (lab >= 0) & (lab < n)
+    safe = np.where(valid, lab, 0).astype(np.intp)
+    colours = pal[safe].astype(np.float32)
+    blended = rgb.astype(np.float32) * np.float32(1.0 - alpha) + colours * np.float32(alpha)
+    out = np.rint(blended).astype(np.uint8)
+    if not valid.all():
+        out[~valid] = rgb[~valid]
+    if boundaries:
+        out[_boundary_mask(lab)] = _BOUNDARY
+    picture = Image.fromarray(out)
+    if not legend:
+        return picture
+
+    if only_present:
+        shown = np.flatnonzero(np.bincount(safe[valid], minlength=n))
+    else:
+        shown = np.arange(n)
+    entries: list[tuple[tuple[int, int, int] | None, str]] = [
+        (tuple(int(v) for v in pal[i]), _display(names[i])) for i in shown
+    ]
+    if not entries:
+        entries = [(None, "no classes")]
+    panel = _legend_panel(entries, rgb.shape[0])
+    h, w = rgb.shape[:2]
+    canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
+    canvas.paste(picture, (0, 0))
+    canvas.paste(panel, (w, 0))
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------- areas
+
+
+def class_areas(labels: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """Pixel count per class that occurs in ``labels``, largest first (ties: lower index first).
+
+    Args:
+        labels: H x W integer class indices into ``class_names``; values outside 0..n-1 (e.g. 255
+            "void") are unlabelled and not counted.
+        class_names: display name per class.
+
+    Returns:
+        ``[{"index": int, "name": str, "pixels": int, "fraction": float}, ...]`` with plain Python
+        types (JSON-ready); ``fraction`` is pixels / (H * W), so the fractions sum to 1 when every
+        pixel is labelled.
+    """
+    lab = _as_labels(labels)
+    n = len(class_names)
+    valid = lab[(lab >= 0) & (lab < n)].astype(np.intp)
+    counts = np.bincount(valid, minlength=n)
+    total = int(lab.size)
+    present = [i for i in range(n) if counts[i] > 0]
+    present.sort(key=lambda i: (-int(counts[i]), i))
+    return [
+        {
+            "index": int(i),
+            "name": str(class_names[i]),
+            "pixels": int(counts[i]),
+            "fraction": int(counts[i]) / total,
+        }
+        for i in present
+    ]
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def save_image_atomic(img: Image.Image, path, format: str | None = None) -> None:
+    """Write a PIL image atomically (temp file in the same folder, then ``os.replace``).
+
+    The format comes from ``format``, else the file extension (``.png``, ``.jpg``, ...), else PNG.
+    """
+    if format is None:
+        format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomic(path, lambda f: img.save(f, format=format))
+
+
+def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None) -> None:
+    """Write a label map as a P-mode (palette) PNG, atomically, like VOC ``SegmentationClass`` files.
+
+    Args:
+        labels: H x W integer class indices, all in 0..255 (pixel value = class index).
+        path: output file.
+        palette: N x 3 uint8 colours, N <= 256 and every label < N (default: the 256-colour VOC
+            palette, so 255 "void" gets its usual cream colour).
+    """
+    lab = _as_labels(labels)
+    pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
+    if lab.size and (int(lab.min()) < 0 or int(lab.max()) > 255):
+        raise VizInputError(
+            f"label values must be in 0..255 for a PNG, got {int(lab.min())}..{int(lab.max())}"
+        )
+    if lab.size == 0:
+        raise VizInputError("labels are empty; a PNG needs at least 1 x 1 pixels")
+    _check_range(lab, len(pal), f"the palette has {len(pal)} colours")
+    img = Image.frombytes(
+        "P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes()
+    )
+    img.putpalette(pal.reshape(-1).tolist(), rawmode="RGB")
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
