@@ -16,7 +16,9 @@ CLASSES = "sky, wall, floor; person, person in shirt; chair; table; bottle"
 
 
 def make(tiny, method="sclip", dataset=None, window_batch=16, **overrides):
-    return Segmenter(tiny, get_preset(method, dataset, **overrides), torch.device("cpu"), window_batch=window_batch)
+    return Segmenter(
+        tiny, get_preset(method, dataset, **overrides), torch.device("cpu"), window_batch=window_batch
+    )
 
 
 def test_predict_matches_the_protocol_step_by_step(tiny_vit):
@@ -33,7 +35,9 @@ def test_predict_matches_the_protocol_step_by_step(tiny_vit):
     text = build_text_classifier(tiny_vit.model, tiny_vit.tokenizer, CLASSES, cache_dir=False)
     head = create_head("sclip")
     with torch.no_grad():
-        cos = slide_cosine_maps(x, lambda b: head.encode_dense(tiny_vit.tower, b), text.embeddings, 224, 112, (375, 500))
+        cos = slide_cosine_maps(
+            x, lambda b: head.encode_dense(tiny_vit.tower, b), text.embeddings, 224, 112, (375, 500)
+        )
     labels, probs = cosine_to_labels(cos[0], text.name_to_class, 65.0, p.prob_thd, p.area_thd)
 
     assert result.labels.shape == PHOTO.shape[:2] and result.labels.dtype == np.int64
@@ -48,7 +52,9 @@ def test_set_image_once_predict_many(tiny_vit, monkeypatch):
     seg = make(tiny_vit)
     calls = []
     original = tiny_vit.tower.tokens_before_last_block
-    monkeypatch.setattr(tiny_vit.tower, "tokens_before_last_block", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        tiny_vit.tower, "tokens_before_last_block", lambda *a: calls.append(1) or original(*a)
+    )
     seg.set_image(PHOTO)
     n_after_image = len(calls)
     assert n_after_image >= 1
@@ -101,10 +107,13 @@ def test_naclip_applies_pamr_and_whole_image_on_voc(tiny_vit, monkeypatch):
     a = with_pamr.predict(CLASSES)
     assert seen["iterations"] == 10 and tuple(seen["dilations"]) == (8, 16)
     # NACLIP guides PAMR with the normalised network input resized to the original image size ...
-    guide = torch.nn.functional.interpolate(with_pamr._input, size=(375, 500), mode="bilinear", align_corners=False)
+    guide = torch.nn.functional.interpolate(
+        with_pamr._input, size=(375, 500), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(seen["image"], guide)
     # ... and refines the raw cosine maps (before logit scale and softmax).
-    assert seen["masks"].shape == (1, 8, 375, 500)  # 8 names and float(seen["masks"].abs().max()) <= 1.0 + 1e-6
+    assert seen["masks"].shape == (1, 8, 375, 500)  # one map per name
+    assert float(seen["masks"].abs().max()) <= 1.0 + 1e-6  # cosines, not probabilities
     assert not torch.allclose(a.logits, b.logits)
 
 
