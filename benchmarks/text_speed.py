@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from ovdense.text import OPENAI_TEMPLATES, build_text_classifier
+from ovdense.text import OPENAI_TEMPLATES, build_text_classifier, flatten_classes, read_class_file
 
-VOC_NAMES = (
-    "sky, wall, tree, wood, grass, road, sea, river, mountain, sands, desk, bed, building, cloud, lamp, door, "
-    "window, wardrobe, ceiling, shelf, curtain, stair, floor, hill, rail, fence, aeroplane, bicycle, bird, ship, "
-    "bottle, bus, car, cat, chair, cow, table, dog, horse, motorbike, person, person in shirt, person in jeans, "
-    "person in dress, person in sweater, person in skirt, person in jacket, pottedplant, sheep, sofa, train, "
-    "television monitor, tv monitor, monitor, television, screen"
-).split(", ")  # VOC21's 56 names in SCLIP's protocol
+# VOC21's 56 names (background words, classes, synonyms) from the example class file.
+VOC_NAMES = flatten_classes(read_class_file(Path(__file__).parent.parent / "examples" / "voc21_classes.txt"))[
+    0
+]
 
 
 @torch.no_grad()
