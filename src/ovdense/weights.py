@@ -324,6 +324,7 @@ def load_model(
         source = "random (test architecture)" if test_arch else None
 
     if checkpoint is not None:
+        has_base_weights = model is not None  # a tag or hub repo loaded first; the file overrides it
         state_dict, fmt = read_checkpoint(checkpoint)
         if fmt == "openai-jit" and not cfg_quick:
             notes.append("OpenAI TorchScript archive: using QuickGELU")
@@ -331,7 +332,7 @@ def load_model(
             model = None
         if model is None:
             model = _create_seeded(model_name, cfg_quick)
-        layout = load_state_into(model, state_dict, model_name, allow_missing_text=pretrained is not None)
+        layout = load_state_into(model, state_dict, model_name, allow_missing_text=has_base_weights)
         source = f"{checkpoint} ({fmt}, {layout} layout)"
         if layout == "open_clip" and not cfg_quick and not hasattr(model.visual, "trunk"):
             notes.append(
