@@ -10,7 +10,11 @@ Pickled files are only read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,26 +231,75 @@ def _hub_failure(err: Exception, name: str, tag: str | None) -> OvdenseError:
     )
 
 
-class _DropRandomInitWarning(logging.Filter):
+class _DropOpenClipRootLogs(logging.Filter):
+    """open_clip reports on the root logger; ovdense turns the same events into its own errors and notes."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        return "open_clip" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    root = logging.getLogger()
+    quiet = _DropOpenClipRootLogs()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _create_seeded(model_name: str, quick_gelu: bool):
     """An architecture with seed-0 random weights: a test arch, or the shell a checkpoint fills.
 
-    open_clip warns on the root logger that the model is random; here that is intended (test archs get
-    the CLI's own loud warning, checkpoints overwrite every weight strictly), so that line is dropped.
+    open_clip warns that the model is random; here that is intended (test archs get the CLI's own loud
+    warning, checkpoints overwrite every weight strictly), so the warning is dropped.
     """
-    root = logging.getLogger()
-    quiet = _DropRandomInitWarning()
-    root.addFilter(quiet)
+    with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.create_model(model_name, force_quick_gelu=quick_gelu, device="cpu")
+
+
+def _hub_reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the URL's host opens, else the reason (DNS failure, refused...)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return open_clip.create_model(model_name, force_quick_gelu=quick_gelu, device="cpu")
-    finally:
-        root.removeFilter(quiet)
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{parts.hostname}:{port} unreachable: {err.strerror or err}"
+
+
+def _check_tag_available(model_name: str, tag: str) -> None:
+    """Fail in seconds, not after the hub client's minute of retries, when weights can't be had.
+
+    Weights already in the hub cache (or offline mode, where the client fails at once) pass; otherwise
+    the download host must accept a connection.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = get_pretrained_cfg(model_name, tag)
+    hub_id = cfg.get("hf_hub", "")
+    if hub_id:
+        # open_clip's convention: 'org/repo/file' names a file, 'org/repo/' the default weight files.
+        repo_id, filename = os.path.split(hub_id)
+        defaults = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        candidates = [filename] if filename else defaults
+        cached = any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates)
+        if constants.HF_HUB_OFFLINE or cached:
+            return
+        reason = _hub_reachable(constants.ENDPOINT)
+    elif cfg.get("url"):
+        reason = _hub_reachable(cfg["url"])
+    else:
+        return
+    if reason:
+        args = f"'{model_name}', pretrained='{tag}'"
+        raise OvdenseError(
+            f"weights for {model_name} ({tag}) are not in the local cache and could not be downloaded "
+            f"({reason}). " + _OFFLINE_HELP.format(args=args)
+        )
 
 
 def load_model(
@@ -295,7 +348,8 @@ def load_model(
         try:
             # Without require_pretrained open_clip only logs a warning when the repo's weights file cannot be
             # had, and returns a randomly initialised model.
-            model = open_clip.create_model(model_name, device="cpu", require_pretrained=True)
+            with _quiet_open_clip():
+                model = open_clip.create_model(model_name, device="cpu", require_pretrained=True)
         except Exception as err:
             raise _hub_failure(err, model_name, None) from None
         source = model_name
@@ -312,10 +366,12 @@ def load_model(
             # open_clip builds GELU for 'ViT-B-16' even with OpenAI weights, which silently changes features.
             notes.append(f"{model_name}/{pretrained} was trained with QuickGELU; using QuickGELU")
         cfg_quick = cfg_quick or tag_quick
+        _check_tag_available(model_name, pretrained)
         try:
-            model = open_clip.create_model(
-                model_name, pretrained=pretrained, force_quick_gelu=cfg_quick, device="cpu"
-            )
+            with _quiet_open_clip():
+                model = open_clip.create_model(
+                    model_name, pretrained=pretrained, force_quick_gelu=cfg_quick, device="cpu"
+                )
         except Exception as err:
             raise _hub_failure(err, model_name, pretrained) from None
         source = f"{model_name}/{pretrained}"
