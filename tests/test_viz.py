@@ -1,6 +1,7 @@
 import json
 import os
 
+import imgviz
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,8 +15,6 @@ from ovdense.viz import (
     save_image_atomic,
     save_label_png,
 )
-
-imgviz = pytest.importorskip("imgviz")
 
 NAMES = ["sky", "person", "tree", "car", "road", "dog", "building"]
 
