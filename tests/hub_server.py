@@ -40,9 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-_RESOLVE = re.compile(
-    r"^/(?:(?P<type>models|datasets|spaces)/)?(?P<repo>.+?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
-)
+_RESOLVE = re.compile(r"^/(?:(?P<type>models|datasets|spaces)/)?(?P<repo>.+?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _BLOB = re.compile(r"^/blobs/(?P<repo>.+)/(?P<rev>[0-9a-f]{40})/(?P<file>.+)$")
 _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".onnx")
 

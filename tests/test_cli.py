@@ -187,7 +187,5 @@ def test_console_script_exit_code_and_no_traceback(photos, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
-    bad_flag = subprocess.run(
-        [sys.executable, "-m", "ovdense", "segment"], capture_output=True, text=True, timeout=120
-    )
+    bad_flag = subprocess.run([sys.executable, "-m", "ovdense", "segment"], capture_output=True, text=True, timeout=120)
     assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr

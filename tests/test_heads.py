@@ -165,9 +165,7 @@ def test_eva_rectangular_grid_matches_timm_dynamic_size(tiny_eva, monkeypatch):
     import timm.models.eva as eva
 
     original = eva.resample_abs_pos_embed
-    monkeypatch.setattr(
-        eva, "resample_abs_pos_embed", lambda *a, **k: original(*a, **{**k, "antialias": False})
-    )
+    monkeypatch.setattr(eva, "resample_abs_pos_embed", lambda *a, **k: original(*a, **{**k, "antialias": False}))
     trunk = tiny_eva.model.visual.trunk
     dyn = timm.create_model("ovdense_test_eva02_clip_224", num_classes=32, dynamic_img_size=True).eval()
     dyn.load_state_dict(trunk.state_dict())

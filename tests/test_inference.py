@@ -281,9 +281,7 @@ def test_assemble_chunking_does_not_change_results():
 def test_slide_progress_and_errors():
     img, text, enc = image(48, 64), text_embeddings(), make_encoder()
     seen = []
-    slide_cosine_maps(
-        img, enc, text, 32, 16, (48, 64), window_batch=4, progress=lambda d, t: seen.append((d, t))
-    )
+    slide_cosine_maps(img, enc, text, 32, 16, (48, 64), window_batch=4, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(4, 6), (6, 6)]
     with pytest.raises(ValueError, match="uncovered"):
         slide_cosine_maps(img, enc, text, 16, 24, (48, 64))

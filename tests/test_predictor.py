@@ -16,9 +16,7 @@ CLASSES = "sky, wall, floor; person, person in shirt; chair; table; bottle"
 
 
 def make(tiny, method="sclip", dataset=None, window_batch=16, **overrides):
-    return Segmenter(
-        tiny, get_preset(method, dataset, **overrides), torch.device("cpu"), window_batch=window_batch
-    )
+    return Segmenter(tiny, get_preset(method, dataset, **overrides), torch.device("cpu"), window_batch=window_batch)
 
 
 def test_predict_matches_the_protocol_step_by_step(tiny_vit):
@@ -52,9 +50,7 @@ def test_set_image_once_predict_many(tiny_vit, monkeypatch):
     seg = make(tiny_vit)
     calls = []
     original = tiny_vit.tower.tokens_before_last_block
-    monkeypatch.setattr(
-        tiny_vit.tower, "tokens_before_last_block", lambda *a: calls.append(1) or original(*a)
-    )
+    monkeypatch.setattr(tiny_vit.tower, "tokens_before_last_block", lambda *a: calls.append(1) or original(*a))
     seg.set_image(PHOTO)
     n_after_image = len(calls)
     assert n_after_image >= 1
@@ -107,9 +103,7 @@ def test_naclip_applies_pamr_and_whole_image_on_voc(tiny_vit, monkeypatch):
     a = with_pamr.predict(CLASSES)
     assert seen["iterations"] == 10 and tuple(seen["dilations"]) == (8, 16)
     # NACLIP guides PAMR with the normalised network input resized to the original image size ...
-    guide = torch.nn.functional.interpolate(
-        with_pamr._input, size=(375, 500), mode="bilinear", align_corners=False
-    )
+    guide = torch.nn.functional.interpolate(with_pamr._input, size=(375, 500), mode="bilinear", align_corners=False)
     torch.testing.assert_close(seen["image"], guide)
     # ... and refines the raw cosine maps (before logit scale and softmax).
     assert seen["masks"].shape == (1, 8, 375, 500)  # one map per name

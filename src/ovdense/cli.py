@@ -17,21 +17,14 @@ EXIT_USAGE = 2
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)"
-    )
-    g.add_argument(
-        "--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)"
-    )
+    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
     g.add_argument(
         "--checkpoint",
         default=None,
         help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
     )
     g.add_argument("--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip")
-    g.add_argument(
-        "--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)"
-    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
@@ -82,9 +75,7 @@ def _read_classes(args) -> list[list[str]]:
         if args.classes_file:
             return read_class_file(args.classes_file)
         if args.classes is None:
-            raise OvdenseError(
-                'no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file'
-            )
+            raise OvdenseError('no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file')
         return parse_class_string(args.classes)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise OvdenseError(str(err).splitlines()[0]) from None
@@ -174,6 +165,104 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _load_for_cli(args):
+    from .weights import load_model
+
+    loaded = load_model(
+        args.model, pretrained=_default_pretrained(args), checkpoint=args.checkpoint, device=args.device
+    )
+    if loaded.is_test_model:
+        _warn_test_model(args.model)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
+
+
+def cmd_eval(args) -> int:
+    from .eval.datasets import DATASETS, get_dataset
+    from .eval.runner import evaluate, init_distributed_from_env, write_results
+    from .predictor import Segmenter
+    from .presets import get_preset
+
+    if bool(args.all) == bool(args.dataset):
+        raise OvdenseError("give --dataset NAME or --all")
+    if args.limit is not None and args.limit < 1:
+        raise OvdenseError("--limit must be >= 1")
+    names = list(DATASETS) if args.all else [args.dataset]
+    datasets = [get_dataset(name, args.data_root) for name in names]  # every path checked before any work
+    presets = [get_preset(args.method, name, **_preset_overrides(args)) for name in names]
+    info = init_distributed_from_env(args.device)
+    device = args.device
+    if device is None and info.world_size > 1 and _cuda_available():
+        device = f"cuda:{info.local_rank}"
+    args.device = device
+    loaded = _load_for_cli(args) if info.is_main else _quiet_load(args)
+    out = Path(args.out)
+    model_tag = args.model if not args.checkpoint else Path(args.checkpoint).stem
+    results = {}
+    for dataset, preset in zip(datasets, presets, strict=True):
+        seg = Segmenter(
+            loaded,
+            preset,
+            next(loaded.model.parameters()).device,
+            precision=args.precision,
+            window_batch=args.window_batch,
+            text_cache_dir=False if args.text_cache == "off" else args.text_cache,
+        )
+        stem = f"{dataset.spec.name}_{preset.method}"
+        save_dir = out / "predictions" / stem if args.save_predictions else None
+        metrics = evaluate(seg, dataset, limit=args.limit, num_workers=args.workers, save_dir=save_dir)
+        results[dataset.spec.name] = metrics
+        if info.is_main:
+            from .eval.runner import metrics_table
+
+            print(f"\n## {dataset.spec.title} ({metrics.num_images} images), {preset.method}\n")
+            print(metrics_table(metrics))
+            settings = {
+                "dataset": dataset.spec.name,
+                "data_root": str(args.data_root),
+                "model": args.model,
+                "weights": loaded.source,
+                "activation": loaded.activation,
+                "limit": args.limit,
+                "preset": preset.to_dict(),
+                "processes": info.world_size,
+            }
+            write_results(metrics, out, f"{stem}_{model_tag}".replace("/", "-"), settings)
+    if args.all and info.is_main:
+        _print_paper_row(results, datasets, out, args.method)
+    return 0
+
+
+def _print_paper_row(results, datasets, out: Path, method: str) -> None:
+    from .fileio import write_atomic, write_json_atomic
+
+    titles = [d.spec.title for d in datasets]
+    values = [results[d.spec.name].miou for d in datasets]
+    avg = sum(values) / len(values)
+    header = "| method | " + " | ".join(titles) + " | Avg |"
+    row = f"| {method} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {avg:.1f} |"
+    table = "\n".join([header, "|" + "---|" * (len(titles) + 2), row])
+    print("\n" + table)
+    write_atomic(out / f"summary_{method}.md", lambda f: f.write((table + "\n").encode()))
+    write_json_atomic(
+        {**{d.spec.name: results[d.spec.name].miou for d in datasets}, "avg": avg},
+        out / f"summary_{method}.json",
+    )
+
+
+def _quiet_load(args):
+    from .weights import load_model
+
+    return load_model(args.model, pretrained=_default_pretrained(args), checkpoint=args.checkpoint, device=args.device)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_list_models(args) -> int:
     import open_clip
 
@@ -199,22 +288,37 @@ def cmd_list_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ovdense", description="Dense open-vocabulary perception with CLIP."
-    )
+    parser = argparse.ArgumentParser(prog="ovdense", description="Dense open-vocabulary perception with CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser(
-        "segment", help="segment images with any class names; writes overlays, label PNGs, JSON"
-    )
+    seg = sub.add_parser("segment", help="segment images with any class names; writes overlays, label PNGs, JSON")
     seg.add_argument("images", nargs="+", metavar="IMAGE")
-    seg.add_argument(
-        "--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)'
-    )
+    seg.add_argument("--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)')
     seg.add_argument("--classes-file", default=None, help="one class per line, names separated by ', '")
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    seg.add_argument("--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)")
     _add_model_args(seg)
     seg.set_defaults(func=cmd_segment)
+    ev = sub.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        help="voc21, context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k",
+    )
+    ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")
+    ev.add_argument("--data-root", default="data", help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON)")
+    ev.add_argument("--save-predictions", action="store_true", help="also write label PNGs and overlays")
+    ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    _add_model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+    try:
+        from .eval.convert import register_cli
+    except ImportError:  # converters are optional to the core
+        register_cli = None
+    if register_cli is not None:
+        register_cli(sub)
     lm = sub.add_parser("list-models", help="architectures with a dense head and their pretrained tags")
     lm.set_defaults(func=cmd_list_models)
     lme = sub.add_parser("list-methods", help="dense heads / method presets")

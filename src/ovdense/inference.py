@@ -249,9 +249,7 @@ def assemble_cosine_maps(
     """
     feats = windows.features
     if text_embeddings.ndim != 2 or text_embeddings.shape[1] != feats.shape[1]:
-        raise ValueError(
-            f"text embeddings must be N x {feats.shape[1]}, got shape {tuple(text_embeddings.shape)}"
-        )
+        raise ValueError(f"text embeddings must be N x {feats.shape[1]}, got shape {tuple(text_embeddings.shape)}")
     height, width = windows.image_size
     win_h, win_w = windows.window_size
     left, right, top, bottom = windows.padding

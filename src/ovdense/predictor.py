@@ -243,9 +243,7 @@ class Segmenter:
         h0, w0 = self._image.shape[:2]
         cosine = assemble_cosine_maps(self._features, text.embeddings.to(self.device), (h0, w0))
         if p.pamr:
-            guide = torch.nn.functional.interpolate(
-                self._input, size=(h0, w0), mode="bilinear", align_corners=False
-            )
+            guide = torch.nn.functional.interpolate(self._input, size=(h0, w0), mode="bilinear", align_corners=False)
             cosine = pamr(guide, cosine, iterations=p.pamr_iterations, dilations=p.pamr_dilations)
         labels, class_probs = cosine_to_labels(
             cosine[0], text.name_to_class.to(self.device), p.logit_scale, p.prob_thd, p.area_thd

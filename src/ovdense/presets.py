@@ -33,6 +33,9 @@ class Preset:
         pos_rule: positional-embedding resize rule, ``"sclip"`` (``scale_factor=(h+0.1)/√N``) or
             ``"size"`` (``size=(h, w)``).
         pad_to_patch: zero-pad windows (centred) to a multiple of the patch size (ClearCLIP, DeCLIP).
+        class_style: which benchmark class-name files the method's authors used: ``sclip`` (SCLIP and
+            NACLIP: background words and synonyms), ``clearclip`` (``background`` alone, no synonyms),
+            ``declip``.
     """
 
     method: str
@@ -50,6 +53,7 @@ class Preset:
     pamr_dilations: tuple[int, ...] = (8, 16)
     pos_rule: str = "sclip"
     pad_to_patch: bool = False
+    class_style: str = "sclip"
 
     def to_dict(self) -> dict:
         """The resolved settings, for recording next to results (JSON-serialisable)."""
@@ -80,7 +84,15 @@ METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
         },
     ),
     "clearclip": (
-        dict(head="clearclip", short_side=448, crop=448, stride=224, logit_scale=50.0, pad_to_patch=True),
+        dict(
+            head="clearclip",
+            short_side=448,
+            crop=448,
+            stride=224,
+            logit_scale=50.0,
+            pad_to_patch=True,
+            class_style="clearclip",
+        ),
         {
             "voc21": dict(prob_thd=0.5),
             "context60": dict(prob_thd=0.15),
@@ -98,6 +110,7 @@ METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
             stride=112,
             pos_rule="size",
             pad_to_patch=True,
+            class_style="declip",
         ),
         {
             "voc21": dict(logit_scale=80.0, prob_thd=0.4),

@@ -325,14 +325,10 @@ def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None) 
     lab = _as_labels(labels)
     pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
     if lab.size and (int(lab.min()) < 0 or int(lab.max()) > 255):
-        raise VizInputError(
-            f"label values must be in 0..255 for a PNG, got {int(lab.min())}..{int(lab.max())}"
-        )
+        raise VizInputError(f"label values must be in 0..255 for a PNG, got {int(lab.min())}..{int(lab.max())}")
     if lab.size == 0:
         raise VizInputError("labels are empty; a PNG needs at least 1 x 1 pixels")
     _check_range(lab, len(pal), f"the palette has {len(pal)} colours")
-    img = Image.frombytes(
-        "P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes()
-    )
+    img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
     img.putpalette(pal.reshape(-1).tolist(), rawmode="RGB")
     write_atomic(path, lambda f: img.save(f, format="PNG"))

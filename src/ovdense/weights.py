@@ -70,13 +70,9 @@ def list_models() -> list[str]:
             continue
         if timm_name and not timm_name.startswith(("eva02", "ovdense_test_eva02")):
             continue
-        if not timm_name and (
-            isinstance(vision.get("layers"), (list, tuple)) or not vision.get("patch_size")
-        ):
+        if not timm_name and (isinstance(vision.get("layers"), (list, tuple)) or not vision.get("patch_size")):
             continue  # ResNets
-        if vision.get("pos_embed_type", "learnable") != "learnable" or "hf_model_name" in cfg.get(
-            "text_cfg", {}
-        ):
+        if vision.get("pos_embed_type", "learnable") != "learnable" or "hf_model_name" in cfg.get("text_cfg", {}):
             continue
         names.append(name)
     return names
@@ -179,9 +175,7 @@ def load_state_into(model, state_dict: dict, model_name: str, allow_missing_text
     if _is_eva_clip_layout(state_dict):
         trunk = getattr(model.visual, "trunk", None)
         if trunk is None:
-            raise OvdenseError(
-                f"checkpoint is an EVA-CLIP (EVA02) checkpoint; {model_name} is not an EVA02 model"
-            )
+            raise OvdenseError(f"checkpoint is an EVA-CLIP (EVA02) checkpoint; {model_name} is not an EVA02 model")
         from timm.models.eva import checkpoint_filter_fn
 
         visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
@@ -323,11 +317,7 @@ def load_model(
         OvdenseError: with a one-line, actionable message.
     """
     dev = resolve_device(device)
-    if (
-        pretrained
-        and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
-        and checkpoint is None
-    ):
+    if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and checkpoint is None:
         checkpoint, pretrained = pretrained, None
     notes: list[str] = []
     hub = model_name.startswith("hf-hub:")
@@ -338,9 +328,7 @@ def load_model(
     test_arch = is_test_model(model_name)
     if test_arch and pretrained:
         raise OvdenseError(f"{model_name} is a random test architecture; it has no pretrained tag")
-    cfg_quick = (
-        bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)) if not hub else False
-    )
+    cfg_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)) if not hub else False
 
     if hub:
         if pretrained:
@@ -358,8 +346,7 @@ def load_model(
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
             raise OvdenseError(
-                f"unknown pretrained tag {pretrained!r} for {model_name}; "
-                f"available: {', '.join(tags) or 'none'}"
+                f"unknown pretrained tag {pretrained!r} for {model_name}; available: {', '.join(tags) or 'none'}"
             )
         tag_quick = bool(get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
         if tag_quick and not cfg_quick:
@@ -391,15 +378,12 @@ def load_model(
         layout = load_state_into(model, state_dict, model_name, allow_missing_text=has_base_weights)
         source = f"{checkpoint} ({fmt}, {layout} layout)"
         if layout == "open_clip" and not cfg_quick and not hasattr(model.visual, "trunk"):
-            notes.append(
-                f"activation GELU (from the name {model_name}); OpenAI weights need {model_name}-quickgelu"
-            )
+            notes.append(f"activation GELU (from the name {model_name}); OpenAI weights need {model_name}-quickgelu")
     elif model is None:
         if not test_arch:
             some_tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)[:4])
             raise OvdenseError(
-                f"no weights given for {model_name}: "
-                f"pass pretrained= a tag ({some_tags}...) or checkpoint= a file"
+                f"no weights given for {model_name}: pass pretrained= a tag ({some_tags}...) or checkpoint= a file"
             )
         model = _create_seeded(model_name, cfg_quick)
 

@@ -35,9 +35,7 @@ def tower_for(model) -> DenseTower:
         return OpenClipViTTower(visual, preprocess)
     if hasattr(visual, "trunk"):
         return Eva02Tower(visual, preprocess)
-    raise ValueError(
-        f"{type(visual).__name__} image towers have no dense head; use an open_clip ViT or an EVA02 model"
-    )
+    raise ValueError(f"{type(visual).__name__} image towers have no dense head; use an open_clip ViT or an EVA02 model")
 
 
 __all__ = [

@@ -31,13 +31,9 @@ class Eva02Tower(DenseTower):
         if getattr(trunk, "rope_mixed", False):
             raise ValueError("EVA towers with mixed (per-block) RoPE are not supported")
         if attn.num_heads * attn.head_dim != trunk.embed_dim:
-            raise ValueError(
-                "EVA towers with an attention width other than the embed width are not supported"
-            )
+            raise ValueError("EVA towers with an attention width other than the embed width are not supported")
         out_dim = trunk.head.out_features if isinstance(trunk.head, torch.nn.Linear) else trunk.embed_dim
-        super().__init__(
-            preprocess, trunk.patch_embed.patch_size[0], attn.num_heads, trunk.embed_dim, out_dim
-        )
+        super().__init__(preprocess, trunk.patch_embed.patch_size[0], attn.num_heads, trunk.embed_dim, out_dim)
         self.visual = visual
         self.trunk = trunk
         self.num_prefix_tokens = trunk.num_prefix_tokens
@@ -59,9 +55,7 @@ class Eva02Tower(DenseTower):
         num_prefix = 0 if t.no_embed_class else t.num_prefix_tokens
         if t.pos_embed is not None:
             pos = t.pos_embed[0]
-            patch_pos = resize_patch_pos_embed(
-                pos[num_prefix:], (h, w), pos_rule, image_hw=tuple(images.shape[-2:])
-            )
+            patch_pos = resize_patch_pos_embed(pos[num_prefix:], (h, w), pos_rule, image_hw=tuple(images.shape[-2:]))
             pos = torch.cat([pos[:num_prefix], patch_pos], dim=0).to(x.dtype)
             if t.no_embed_class:
                 x = torch.cat(prefix + [x + pos], dim=1)

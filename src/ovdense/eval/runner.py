@@ -1,0 +1,151 @@
+"""Evaluate a :class:`~ovdense.Segmenter` on a benchmark: streamed mIoU, sharded under torchrun."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ..errors import OvdenseError
+from ..fileio import write_atomic, write_json_atomic
+from ..predictor import Segmenter
+from .datasets import SegDataset
+from .metrics import IoUAccumulator, SegMetrics
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size of the current ``torch.distributed`` group (torchrun), or a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def init_distributed_from_env(device: str | None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op for a single process).
+
+    Uses NCCL when the processes run on CUDA, gloo on CPU.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist_info()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist_info()
+
+
+def _identity_collate(batch):
+    return batch[0]
+
+
+def shard_indices(n: int, limit: int | None, info: DistInfo) -> list[int]:
+    """Image indices this process evaluates: the first ``limit`` images, every ``world_size``-th from ``rank``."""
+    total = n if limit is None else min(n, limit)
+    return list(range(info.rank, total, info.world_size))
+
+
+def evaluate(
+    segmenter: Segmenter,
+    dataset: SegDataset,
+    limit: int | None = None,
+    num_workers: int = 2,
+    save_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SegMetrics:
+    """mIoU of ``segmenter`` on ``dataset`` with the class names of the segmenter's method.
+
+    Images are decoded by ``num_workers`` DataLoader workers while the model runs. Under torchrun each
+    process takes every world_size-th image and the per-class sums are all-reduced, so the result equals
+    a single process's. With ``save_dir``, each image's label PNG (palette; dataset class indices, i.e. after
+    ``reduce_zero_label``) and overlay are written there.
+
+    Returns:
+        :class:`SegMetrics` over the whole (limited) dataset, identical on every rank.
+    """
+    from tqdm import tqdm
+
+    from ..viz import save_image_atomic, save_label_png
+
+    info = dist_info()
+    spec = dataset.spec
+    classes = dataset.class_names(segmenter.preset.class_style)
+    if len(classes) != spec.num_classes:
+        raise OvdenseError(f"{spec.name}: class file has {len(classes)} classes, dataset has {spec.num_classes}")
+    segmenter.text_classifier(classes)  # once, before the image loop
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+    indices = shard_indices(len(dataset), limit, info)
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_identity_collate,
+        persistent_workers=False,
+    )
+    acc = IoUAccumulator(spec.num_classes)
+    bar = tqdm(
+        loader, total=len(indices), desc=f"{spec.title} {segmenter.preset.method}", unit="img",
+        disable=(not progress or not info.is_main) or None,
+    )  # fmt: skip
+    for sample in bar:
+        segmenter.set_image(sample["image"])
+        result = segmenter.predict(classes)
+        label = sample["label"]
+        if result.labels.shape != label.shape:
+            raise OvdenseError(f"{sample['image_path']}: label size {label.shape} differs from the image")
+        acc.update(result.labels, label)
+        if save_dir is not None:
+            save_label_png(result.labels, save_dir / f"{sample['name']}.png")
+            save_image_atomic(result.overlay(), save_dir / f"{sample['name']}_overlay.png")
+    acc.all_reduce()
+    return acc.compute([names[0] for names in classes])
+
+
+def metrics_table(metrics: SegMetrics) -> str:
+    """Per-class markdown table (IoU and Acc in percent), then the summary row."""
+
+    def fmt(v: float) -> str:
+        return "nan" if v != v else f"{v:.2f}"
+
+    lines = ["| class | IoU | Acc |", "|---|---|---|"]
+    for name, iou, acc in zip(metrics.class_names, metrics.iou, metrics.acc, strict=True):
+        lines.append(f"| {name} | {fmt(iou)} | {fmt(acc)} |")
+    lines.append(f"| **mean** | **{fmt(metrics.miou)}** | **{fmt(metrics.macc)}** |")
+    lines.append(f"\naAcc {fmt(metrics.aacc)}, mIoU {fmt(metrics.miou)}, mAcc {fmt(metrics.macc)}")
+    return "\n".join(lines)
+
+
+def write_results(metrics: SegMetrics, out_dir: str | Path, stem: str, settings: dict) -> list[Path]:
+    """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (``mIoU`` in percent, resolved settings)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv, js = out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    table = metrics_table(metrics)
+    write_atomic(md, lambda f: f.write((table + "\n").encode()))
+    rows = ["class,IoU,Acc"] + [
+        f'"{n}",{i:.4f},{a:.4f}' for n, i, a in zip(metrics.class_names, metrics.iou, metrics.acc, strict=True)
+    ]
+    write_atomic(csv, lambda f: f.write(("\n".join(rows) + "\n").encode()))
+    write_json_atomic({**metrics.to_dict(), "settings": settings}, js)
+    return [md, csv, js]
