@@ -77,9 +77,7 @@ def main() -> None:
             head = create_head("sclip")
             gen = torch.Generator().manual_seed(0)
             image = torch.randn(1, 3, h, w, generator=gen).to(device)
-            text = torch.nn.functional.normalize(torch.randn(21, tower.out_dim, generator=gen), dim=-1).to(
-                device
-            )
+            text = torch.nn.functional.normalize(torch.randn(21, tower.out_dim, generator=gen), dim=-1).to(device)
             precisions = ["fp32"] + (["bf16"] if device.type == "cuda" else [])
             for precision in precisions:
                 if precision == "bf16":
@@ -87,9 +85,7 @@ def main() -> None:
                 else:
                     autocast = contextlib.nullcontext
                 t_loop, ref = time_image(tower, head, image, text, crop, stride, 1, args.repeats, autocast)
-                t_batch, out = time_image(
-                    tower, head, image, text, crop, stride, n_windows, args.repeats, autocast
-                )
+                t_batch, out = time_image(tower, head, image, text, crop, stride, n_windows, args.repeats, autocast)
                 max_diff = (out - ref).abs().max().item()
                 rows.append((dev_name, name, precision, n_windows, t_loop, t_batch, max_diff))
     print(f"\nimage {h}x{w}, crop {crop}, stride {stride}, sclip head, {args.threads} CPU threads\n")

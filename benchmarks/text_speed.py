@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from ovdense.text import OPENAI_TEMPLATES, build_text_classifier, flatten_classes, read_class_file
 
 # VOC21's 56 names (background words, classes, synonyms) from the example class file.
-VOC_NAMES = flatten_classes(read_class_file(Path(__file__).parent.parent / "examples" / "voc21_classes.txt"))[
-    0
-]
+VOC_NAMES = flatten_classes(read_class_file(Path(__file__).parent.parent / "examples" / "voc21_classes.txt"))[0]
 
 
 @torch.no_grad()
