@@ -119,12 +119,16 @@ def test_naclip_bias_formula():
 def test_pos_embed_rules():
     table = torch.randn(196, 8)
     grid = table.reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
-    # SCLIP's rule keeps the table for the native grid of a square image ...
-    assert resize_patch_pos_embed(table, (14, 14), "sclip", (224, 224)) is table
-    # ... but resamples with (h+0.1)/sqrt(N) scale factors otherwise, which differs from size=.
-    got = resize_patch_pos_embed(table, (14, 20), "sclip", (224, 320))
+    # SCLIP's rule keeps the table whenever the token count is unchanged, whatever the grid shape
+    # (the references test x.shape[1] != L), ...
+    assert resize_patch_pos_embed(table, (14, 14), "sclip") is table
+    assert resize_patch_pos_embed(table, (7, 28), "sclip") is table
+    # ... and resamples with (h+0.1)/sqrt(N) scale factors otherwise, which differs from size=.
+    got = resize_patch_pos_embed(table, (14, 20), "sclip")
     ref = F.interpolate(grid, scale_factor=(14.1 / 14, 20.1 / 14), mode="bicubic", align_corners=False)
     torch.testing.assert_close(got, ref.permute(0, 2, 3, 1).reshape(-1, 8))
+    assert resize_patch_pos_embed(table, (14, 14), "size") is table
+    assert resize_patch_pos_embed(table, (7, 28), "size") is not table  # DeCLIP compares grids
     by_size = resize_patch_pos_embed(table, (14, 20), "size")
     ref_size = F.interpolate(grid, size=(14, 20), mode="bicubic", align_corners=False)
     torch.testing.assert_close(by_size, ref_size.permute(0, 2, 3, 1).reshape(-1, 8))
@@ -137,7 +141,7 @@ def test_pos_embed_rules():
 def test_vit_rectangular_input_uses_sclip_rule(tiny_vit):
     visual = tiny_vit.model.visual
     pos = visual.positional_embedding
-    patch = resize_patch_pos_embed(pos[1:], (14, 20), "sclip", (224, 320))
+    patch = resize_patch_pos_embed(pos[1:], (14, 20), "sclip")
     x = visual.conv1(RECT).flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.view(1, 1, -1), x], 1) + torch.cat([pos[:1], patch])
     x = visual.ln_pre(x)

@@ -211,7 +211,8 @@ def test_corrupt_cache_file_is_rewritten(tokenizer, tmp_path):
     assert torch.equal(third.embeddings, again.embeddings)
 
 
-def test_cache_disabled_writes_nothing(tokenizer, tmp_path):
+def test_cache_disabled_writes_nothing(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
     model = _make(CLIP)
     build_text_classifier(model, tokenizer, [["sky"]], templates=TEMPLATES, cache_dir=False)
     assert not default_cache_dir().exists()
@@ -260,14 +261,24 @@ def test_parse_class_string():
         ("sky;; tree", "class 1 is empty"),
         ("sky; tree;", "class 2 is empty"),
         ("sky, ; tree", "empty name"),
-        ("sky; tree; sky", "duplicate name 'sky'"),
-        ("person, man; man", "duplicate name 'man'"),
+        ("sky; tree; sky", "duplicate class 'sky'"),
+        ("tree, sky; sky, tree", "duplicate class 'sky' .classes 0 and 1."),
+        ("person, man, person; dog", "duplicate name 'person' in class 0"),
     ],
 )
 def test_parse_class_string_errors(text, match):
     with pytest.raises(ValueError, match=match) as info:
         parse_class_string(text)
     assert "\n" not in str(info.value)
+
+
+def test_a_name_in_two_classes_is_kept_as_sclip_does():
+    # SCLIP's COCO-Object has 'bed' among the background words (class 0) and as class 60.
+    with pytest.warns(UserWarning, match="class 2 .'bed'. can never be predicted"):
+        classes = parse_class_string("sky, bed, wall; person; bed")
+    names, name_to_class = flatten_classes(classes)
+    assert names == ["sky", "bed", "wall", "person", "bed"]
+    assert name_to_class.tolist() == [0, 0, 0, 1, 2]
 
 
 def test_read_class_file(tmp_path):
@@ -284,8 +295,8 @@ def test_read_class_file_errors(tmp_path):
     with pytest.raises(ValueError, match="empty.txt"):
         read_class_file(empty)
     dup = tmp_path / "dup.txt"
-    dup.write_text("sky\ntree, sky\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"dup.txt.*duplicate name 'sky'"):
+    dup.write_text("sky\ntree\nsky\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dup.txt.*duplicate class 'sky'"):
         read_class_file(dup)
     blank_name = tmp_path / "blank.txt"
     blank_name.write_text("sky,\n", encoding="utf-8")

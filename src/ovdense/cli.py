@@ -235,9 +235,10 @@ def cmd_eval(args) -> int:
 
 
 def _print_paper_row(results, datasets, out: Path, method: str) -> None:
+    from .eval.datasets import PAPER_COLUMNS
     from .fileio import write_atomic, write_json_atomic
 
-    titles = [d.spec.title for d in datasets]
+    titles = [PAPER_COLUMNS[d.spec.name] for d in datasets]
     values = [results[d.spec.name].miou for d in datasets]
     avg = sum(values) / len(values)
     header = "| method | " + " | ".join(titles) + " | Avg |"
@@ -313,12 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
-    try:
-        from .eval.convert import register_cli
-    except ImportError:  # converters are optional to the core
-        register_cli = None
-    if register_cli is not None:
-        register_cli(sub)
+    from .eval.convert import register_cli
+
+    register_cli(sub)
     lm = sub.add_parser("list-models", help="architectures with a dense head and their pretrained tags")
     lm.set_defaults(func=cmd_list_models)
     lme = sub.add_parser("list-methods", help="dense heads / method presets")

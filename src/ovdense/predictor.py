@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def load_image(image) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise OvdenseError(f"expected a uint8 image array, got {arr.dtype}")
     return np.ascontiguousarray(arr[..., :3])
+
+
+def pixel_stats(values) -> list[float]:
+    """Mean or std of [0, 1] pixels as the references' mmseg configs write them: x 255, 3 decimals.
+
+    SCLIP, NACLIP and ClearCLIP normalise 0-255 pixels with ``mean=[122.771, 116.746, 104.094]``,
+    ``std=[68.501, 66.632, 70.323]``, OpenAI's statistics rounded so; the exact values move a few pixels
+    of a prediction, so the rounded ones are used for every tower.
+    """
+    return [round(255.0 * v, 3) for v in values]
 
 
 def normalise_classes(classes) -> list[list[str]]:
@@ -121,6 +132,8 @@ class Segmenter:
             raise OvdenseError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
         if window_batch < 1:
             raise OvdenseError("window_batch must be >= 1")
+        if precision == "fp16" and device.type == "cpu":
+            raise OvdenseError("fp16 autocast needs a GPU; on the CPU use --precision bf16 or fp32")
         self.loaded = loaded
         self.preset = preset
         self.device = device
@@ -130,9 +143,10 @@ class Segmenter:
         self.templates = templates
         self.head: DenseHead = create_head(preset.head, **preset.head_kwargs)
         tower = loaded.tower
-        # mmseg normalises 0-255 pixels with 0-255 statistics; doing the same keeps fp32 rounding equal.
-        self._mean = torch.tensor([255.0 * m for m in tower.preprocess.mean], device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor([255.0 * s for s in tower.preprocess.std], device=device).view(1, 3, 1, 1)
+        self._mean, self._std = (
+            torch.tensor(pixel_stats(v), device=device).view(1, 3, 1, 1)
+            for v in (tower.preprocess.mean, tower.preprocess.std)
+        )
         self._text: dict[tuple, TextClassifier] = {}
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
@@ -161,7 +175,8 @@ class Segmenter:
             method: ``sclip``, ``naclip``, ``clearclip``, ``declip``, ``maskclip`` or ``clip``.
             dataset: use the method's settings for this benchmark (e.g. ``voc21``).
             device: ``cpu``, ``cuda``...; default CUDA when available.
-            precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``, ``fp16``, ``bf16``.
+            precision: ``auto`` (fp16 autocast on CUDA as the references, fp32 on CPU), ``fp32``, ``fp16``,
+                ``bf16``.
             window_batch: sliding windows per forward pass (bounds memory).
             text_cache_dir: where text embeddings are cached (``False`` disables).
             preset_overrides: any :class:`ovdense.presets.Preset` field (``crop=448``, ``prob_thd=0.3``...).
@@ -176,17 +191,11 @@ class Segmenter:
 
     # -- image side -------------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type != "cuda" or self.precision == "fp32":
-            if self.precision in ("fp16", "bf16") and self.device.type == "cpu":
-                return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.precision == "fp32" or (self.precision == "auto" and self.device.type != "cuda"):
             return contextlib.nullcontext()
-        if self.precision == "fp16":
-            dtype = torch.float16
-        elif self.precision == "bf16" or torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16
-        else:
-            dtype = torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        # 'auto' on CUDA is fp16, the precision all references run the image tower in.
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -214,14 +223,16 @@ class Segmenter:
         parsed = normalise_classes(classes)
         key = tuple(tuple(c) for c in parsed)
         if key not in self._text:
-            self._text[key] = build_text_classifier(
-                self.loaded.model,
-                self.loaded.tokenizer,
-                parsed,
-                templates=self.templates,
-                cache_dir=self.text_cache_dir,
-                device=self.device,
-            )
+            with warnings.catch_warnings():  # normalise_classes has already warned about this class list
+                warnings.simplefilter("ignore", UserWarning)
+                self._text[key] = build_text_classifier(
+                    self.loaded.model,
+                    self.loaded.tokenizer,
+                    parsed,
+                    templates=self.templates,
+                    cache_dir=self.text_cache_dir,
+                    device=self.device,
+                )
         return self._text[key]
 
     @torch.no_grad()

@@ -66,6 +66,7 @@ def _validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list
         raise ValueError(f"{prefix}the class list is empty")
     out: list[list[str]] = []
     seen: dict[str, int] = {}
+    classes_seen: dict[frozenset, int] = {}
     for ci, names in enumerate(classes):
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise ValueError(f"{prefix}class {ci} must be a list of names, got {type(names).__name__}")
@@ -78,10 +79,23 @@ def _validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list
             name = name.strip()
             if not name:
                 raise ValueError(f"{prefix}class {ci} has an empty name")
-            if name in seen:
-                raise ValueError(f"{prefix}duplicate name {name!r} (classes {seen[name]} and {ci})")
-            seen[name] = ci
+            if name in cleaned:
+                raise ValueError(f"{prefix}duplicate name {name!r} in class {ci}")
             cleaned.append(name)
+        key = frozenset(cleaned)
+        if key in classes_seen:
+            raise ValueError(f"{prefix}duplicate class {cleaned[0]!r} (classes {classes_seen[key]} and {ci})")
+        classes_seen[key] = ci
+        # A name may stand in two classes (SCLIP's COCO-Object lists 'bed' among the background words and
+        # as a class): both entries take part in the softmax, and the earlier class wins the tie.
+        if all(name in seen for name in cleaned):
+            warnings.warn(
+                f"{prefix}class {ci} ({cleaned[0]!r}) can never be predicted: each of its names also belongs "
+                f"to an earlier class, which wins ties",
+                stacklevel=3,
+            )
+        for name in cleaned:
+            seen.setdefault(name, ci)
         out.append(cleaned)
     return out
 
@@ -112,7 +126,7 @@ def read_class_file(path: str | os.PathLike) -> list[list[str]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: no classes, an empty name, or a name that appears twice (the message names the file).
+        ValueError: no classes, an empty name, a name twice in a class, or a class twice (names the file).
     """
     path = Path(path)
     if not path.is_file():

@@ -29,19 +29,18 @@ class Preprocess:
     interpolation: str = "bicubic"
 
 
-def resize_patch_pos_embed(
-    patch_pos: torch.Tensor, grid: tuple[int, int], rule: str, image_hw: tuple[int, int] | None = None
-) -> torch.Tensor:
+def resize_patch_pos_embed(patch_pos: torch.Tensor, grid: tuple[int, int], rule: str) -> torch.Tensor:
     """Resample a square grid of patch positional embeddings to another grid.
 
     Args:
         patch_pos: N x C embeddings of a sqrt(N) x sqrt(N) grid (no class token).
         grid: target (h, w) in patches.
         rule: ``"sclip"``: ``F.interpolate(scale_factor=((h + 0.1) / sqrt(N), (w + 0.1) / sqrt(N)))`` as
-            SCLIP, ClearCLIP and NACLIP do, keeping the original table when the grid is unchanged and the
-            input image is square (their early return); ``"size"``: ``F.interpolate(size=(h, w))`` as
-            MaskCLIP and EVA02 do. Both bicubic, align_corners=False, never antialiased.
-        image_hw: input pixel size, used by the ``"sclip"`` early-return rule.
+            SCLIP, ClearCLIP and NACLIP do; they keep the original table whenever the token count is
+            unchanged (``h * w == N``, even for a 7 x 28 grid: their ``x.shape[1] != L`` test), and so do we.
+            ``"size"``: ``F.interpolate(size=(h, w))`` as EVA02/DeCLIP and MaskCLIP do, keeping the table
+            only for the native grid (DeCLIP's ``(h, w) == grid_size`` test). Both bicubic,
+            align_corners=False, never antialiased.
 
     Returns:
         (h * w) x C embeddings, row-major over the target grid.
@@ -54,8 +53,7 @@ def resize_patch_pos_embed(
         raise ValueError(f"positional embedding of {num} patches is not a square grid")
     h, w = grid
     if rule == "sclip":
-        square_image = image_hw is None or image_hw[0] == image_hw[1]
-        if h * w == num and square_image:
+        if h * w == num:
             return patch_pos
     elif (h, w) == (side, side):
         return patch_pos

@@ -55,7 +55,7 @@ class Eva02Tower(DenseTower):
         num_prefix = 0 if t.no_embed_class else t.num_prefix_tokens
         if t.pos_embed is not None:
             pos = t.pos_embed[0]
-            patch_pos = resize_patch_pos_embed(pos[num_prefix:], (h, w), pos_rule, image_hw=tuple(images.shape[-2:]))
+            patch_pos = resize_patch_pos_embed(pos[num_prefix:], (h, w), pos_rule)
             pos = torch.cat([pos[:num_prefix], patch_pos], dim=0).to(x.dtype)
             if t.no_embed_class:
                 x = torch.cat(prefix + [x + pos], dim=1)

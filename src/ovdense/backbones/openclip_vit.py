@@ -53,7 +53,7 @@ class OpenClipViTTower(DenseTower):
         cls = v.class_embedding.to(x.dtype).view(1, 1, c).expand(b, -1, -1)
         x = torch.cat([cls, x], dim=1)
         pos = v.positional_embedding
-        patch_pos = resize_patch_pos_embed(pos[1:], (h, w), pos_rule, image_hw=tuple(images.shape[-2:]))
+        patch_pos = resize_patch_pos_embed(pos[1:], (h, w), pos_rule)
         x = x + torch.cat([pos[:1], patch_pos], dim=0).to(x.dtype)
         x = v.patch_dropout(x)
         x = v.ln_pre(x)

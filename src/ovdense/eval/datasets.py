@@ -1,0 +1,356 @@
+"""Readers for the 8 open-vocabulary segmentation benchmarks, in the folder layouts mmseg users already have.
+
+Everything here follows mmseg 1.x, which SCLIP, NACLIP, ClearCLIP and DeCLIP evaluate with:
+
+- Sample order (``BaseSegDataset.load_data_list``): the split file's order where the benchmark has one
+  (VOC, Context), else every ``*<img_suffix>`` under the image folder, recursively, sorted by path.
+- Images (``LoadImageFromFile``, cv2 ``IMREAD_COLOR``): RGB uint8 with the EXIF orientation applied. Decoded
+  here with Pillow + ``ImageOps.exif_transpose``, which gives the same pixels for the benchmark JPEGs/PNGs.
+- Labels (``LoadAnnotations``, Pillow backend, flag ``unchanged``): the PNG's stored values, without any
+  conversion (palette PNGs give palette indices, ``L`` PNGs give grey values), then ``reduce_zero_label``
+  (ADE20K, Context59, VOC20 only): ``0 -> 255, c -> c - 1, 255 -> 255``. 255 is ignored by the metric.
+  Ground truth is never resized.
+
+``data_root`` is the folder holding ``VOCdevkit/``, ``coco_stuff164k/``, ``cityscapes/`` and ``ade/`` (the
+``--data-root`` of ``ovdense eval``). It may also point straight at one benchmark's folder: the folder
+containing ``VOC2012/`` (or ``VOC2010/``), or the ``VOC2012``, ``coco_stuff164k``, ``cityscapes`` or
+``ADEChallengeData2016`` folder itself (what mmseg configs call ``data_root``). See :attr:`DatasetSpec.roots`.
+
+Class names: ``classes/<dataset>.txt`` holds the names SCLIP and NACLIP use (identical files; background
+words as class 0 of VOC21 and COCO-Object, synonyms for person / tv monitor); ``<dataset>.<style>.txt``
+holds another method's names where they differ (see :data:`CLASS_STYLES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import OvdenseError
+
+__all__ = [
+    "CLASS_STYLES",
+    "DATASETS",
+    "DatasetSpec",
+    "SegDataset",
+    "get_dataset",
+    "read_class_names",
+    "read_image",
+    "read_label",
+]
+
+IGNORE_INDEX = 255
+CLASSES_DIR = Path(__file__).parent / "classes"
+
+#: Class-name styles and where each comes from. ``sclip``: SCLIP ``configs/cls_*.txt`` (NACLIP's are
+#: byte-identical). ``clearclip``: ClearCLIP ``configs/cls_*.txt`` (``background`` as class 0, no synonyms).
+#: ``declip``: the files DeCLIP's ``declip_segmentor.py`` reads are not published; ProxyCLIP's
+#: ``configs/cls_*.txt`` (same ``'; '`` separator and segmentor lineage) stand in for them.
+CLASS_STYLES = ("sclip", "clearclip", "declip")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark: its classes, label rule and folder layout (as the mmseg dataset classes define them).
+
+    Attributes:
+        name: the ``ovdense eval --dataset`` name, also the class-file stem.
+        title: the benchmark's display name (see :data:`PAPER_COLUMNS` for the papers' short column titles).
+        num_classes: classes scored by mIoU (after ``reduce_zero_label``).
+        reduce_zero_label: labels become ``0 -> 255, c -> c - 1`` (255 stays 255).
+        roots: candidate benchmark folders relative to ``data_root``, tried in order; the first is the
+            canonical layout, ``"."`` means ``data_root`` itself.
+        img_dir, ann_dir: image and label folders inside the benchmark folder.
+        img_suffix, seg_map_suffix: a sample ``x`` is ``img_dir/x<img_suffix>`` + ``ann_dir/x<seg_map_suffix>``.
+        split_file: file listing the sample ids, one per line (``None``: scan ``img_dir``).
+        label_mode: how the released label PNGs are stored (``"P"`` palette or ``"L"`` grey); informative.
+        prepare_hint: one line on how to get or prepare the data.
+    """
+
+    name: str
+    title: str
+    num_classes: int
+    reduce_zero_label: bool
+    roots: tuple[str, ...]
+    img_dir: str
+    ann_dir: str
+    img_suffix: str
+    seg_map_suffix: str
+    split_file: str | None
+    label_mode: str
+    prepare_hint: str
+
+
+_VOC_HINT = (
+    "get PASCAL VOC 2012 (VOCtrainval_11-May-2012.tar) and extract it into DATA_ROOT, "
+    "giving DATA_ROOT/VOCdevkit/VOC2012"
+)
+_CONTEXT_HINT = (
+    "extract PASCAL VOC 2010 (VOCtrainval_03-May-2010.tar) into DATA_ROOT, then build the labels with "
+    "`ovdense convert pascal-context --data-root DATA_ROOT --source trainval_merged.json`"
+)
+_COCO_HINT = (
+    "put COCO val2017 images in DATA_ROOT/coco_stuff164k/images/val2017 and stuffthingmaps_trainval2017 "
+    "in DATA_ROOT/coco_stuff164k/annotations/val2017, then run `ovdense convert {cmd} --data-root DATA_ROOT`"
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "voc21", "VOC21", 21, False, ("VOCdevkit/VOC2012", "VOC2012", "."),
+            "JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt", "P", _VOC_HINT,
+        ),
+        DatasetSpec(
+            "context60", "Context60", 60, False, ("VOCdevkit/VOC2010", "VOC2010", "."),
+            "JPEGImages", "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
+            "L", _CONTEXT_HINT,
+        ),
+        DatasetSpec(
+            "coco_object", "COCO-Object", 81, False, ("coco_stuff164k", "."),
+            "images/val2017", "annotations/val2017", ".jpg", "_instanceTrainIds.png", None, "L",
+            _COCO_HINT.format(cmd="coco-object"),
+        ),
+        DatasetSpec(
+            "voc20", "VOC20", 20, True, ("VOCdevkit/VOC2012", "VOC2012", "."),
+            "JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt", "P", _VOC_HINT,
+        ),
+        DatasetSpec(
+            "context59", "Context59", 59, True, ("VOCdevkit/VOC2010", "VOC2010", "."),
+            "JPEGImages", "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
+            "L", _CONTEXT_HINT,
+        ),
+        DatasetSpec(
+            "coco_stuff", "COCO-Stuff", 171, False, ("coco_stuff164k", "."),
+            "images/val2017", "annotations/val2017", ".jpg", "_labelTrainIds.png", None, "L",
+            _COCO_HINT.format(cmd="coco-stuff"),
+        ),
+        DatasetSpec(
+            "cityscapes", "Cityscapes", 19, False, ("cityscapes", "."),
+            "leftImg8bit/val", "gtFine/val", "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, "L",
+            "extract leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into DATA_ROOT/cityscapes, "
+            "then run `ovdense convert cityscapes --data-root DATA_ROOT`",
+        ),
+        DatasetSpec(
+            "ade20k", "ADE20K", 150, True, ("ade/ADEChallengeData2016", "ADEChallengeData2016", "."),
+            "images/validation", "annotations/validation", ".jpg", ".png", None, "L",
+            "extract ADEChallengeData2016.zip into DATA_ROOT/ade, giving DATA_ROOT/ade/ADEChallengeData2016",
+        ),
+    )
+}  # fmt: skip
+
+
+#: Column titles of the papers' result tables (SCLIP Table 1 and its successors), in DATASETS order.
+PAPER_COLUMNS = {
+    "voc21": "VOC21",
+    "context60": "C60",
+    "coco_object": "Obj",
+    "voc20": "VOC20",
+    "context59": "C59",
+    "coco_stuff": "Stuff",
+    "cityscapes": "City",
+    "ade20k": "ADE",
+}
+
+
+def _unknown(name: str) -> OvdenseError:
+    return OvdenseError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
+    """Read a label PNG the way mmseg's ``LoadAnnotations`` does.
+
+    The stored values are used as they are (palette indices for ``P`` PNGs, grey values for ``L`` PNGs);
+    with ``reduce_zero_label`` 0 becomes 255 and every other value c becomes c - 1 (255 stays 255).
+
+    Returns:
+        HxW uint8 array of class indices; 255 = ignore.
+
+    Raises:
+        OvdenseError: the file cannot be read, has colour channels, or holds values outside 0..255.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im)
+    except (OSError, ValueError) as err:
+        raise OvdenseError(f"cannot read label {path}: {err}") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise OvdenseError(
+            f"label {path} has shape {arr.shape}: expected one channel of class indices (palette or grey PNG), "
+            "not a colour-coded image"
+        )
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise OvdenseError(f"label {path} holds values outside 0..255 ({arr.min()}..{arr.max()})")
+        arr = arr.astype(np.uint8)
+    if reduce_zero_label:
+        arr = arr.copy()
+        arr[arr == 0] = 255
+        arr = arr - 1
+        arr[arr == 254] = 255
+    return arr
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image as mmseg's ``LoadImageFromFile`` sees it: RGB, EXIF orientation applied.
+
+    Returns:
+        HxWx3 uint8 RGB array.
+    """
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB")).copy()
+    except (OSError, ValueError) as err:
+        raise OvdenseError(f"cannot read image {path}: {err}") from None
+
+
+def class_file(name: str, style: str = "sclip") -> Path:
+    """The class-name file of dataset ``name`` for ``style``: ``<name>.<style>.txt`` if shipped, else ``<name>.txt``."""
+    if name not in DATASETS:
+        raise _unknown(name)
+    if style not in CLASS_STYLES:
+        raise OvdenseError(f"unknown class-name style {style!r}; choose one of: {', '.join(CLASS_STYLES)}")
+    styled = CLASSES_DIR / f"{name}.{style}.txt"
+    return styled if style != "sclip" and styled.is_file() else CLASSES_DIR / f"{name}.txt"
+
+
+def read_class_names(name: str, style: str = "sclip") -> list[list[str]]:
+    """Class names of dataset ``name`` as the method family ``style`` used them.
+
+    Line i of the file is class i; a class's names (synonyms) are separated by ``", "``. A name may appear
+    in two classes (SCLIP's COCO-Object has ``bed`` among the background words and as the bed class):
+    the list is returned as written.
+
+    Returns:
+        ``num_classes`` lists of names.
+    """
+    path = class_file(name, style)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [[n.strip() for n in line.split(", ")] for line in lines if line.strip()]
+
+
+def _resolve_root(spec: DatasetSpec, data_root: Path) -> Path:
+    if not data_root.is_dir():
+        raise OvdenseError(f"{spec.title}: data root {data_root} is not a folder; {spec.prepare_hint}")
+    for rel in spec.roots:
+        base = data_root / rel
+        if (base / spec.img_dir).is_dir():
+            return base
+    tried = ", ".join(str(Path(data_root, rel, spec.img_dir)) for rel in spec.roots)
+    raise OvdenseError(f"{spec.title}: image folder not found (tried {tried}); {spec.prepare_hint}")
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """A benchmark's validation split: images with their ground-truth label maps.
+
+    Paths are checked when the dataset is built (folders, split file, every label file present); pixels
+    are decoded lazily in ``__getitem__``, so DataLoader workers do the decoding.
+
+    Attributes:
+        spec: the benchmark's :class:`DatasetSpec`.
+        root: the benchmark folder that was found under ``data_root``.
+        samples: (image path, label path) pairs in mmseg's order.
+    """
+
+    def __init__(self, name: str, data_root: str | Path):
+        if name not in DATASETS:
+            raise _unknown(name)
+        self.spec = spec = DATASETS[name]
+        self.data_root = Path(data_root)
+        self.root = _resolve_root(spec, self.data_root)
+        img_dir, ann_dir = self.root / spec.img_dir, self.root / spec.ann_dir
+        if not ann_dir.is_dir():
+            raise OvdenseError(f"{spec.title}: label folder not found: {ann_dir}; {spec.prepare_hint}")
+        if spec.split_file is not None:
+            ids = self._read_split(self.root / spec.split_file)
+        else:
+            ids = self._scan(img_dir)
+        self.samples: list[tuple[Path, Path]] = [
+            (img_dir / f"{i}{spec.img_suffix}", ann_dir / f"{i}{spec.seg_map_suffix}") for i in ids
+        ]
+        self._check_files()
+
+    def _read_split(self, split: Path) -> list[str]:
+        spec = self.spec
+        if not split.is_file():
+            raise OvdenseError(f"{spec.title}: split file not found: {split}; {spec.prepare_hint}")
+        ids = [line.strip() for line in split.read_text(encoding="utf-8").splitlines()]
+        ids = [i for i in ids if i]
+        if not ids:
+            raise OvdenseError(f"{spec.title}: the split file {split} lists no images")
+        return ids
+
+    def _scan(self, img_dir: Path) -> list[str]:
+        # mmengine list_dir_or_file(recursive=True, suffix=...): files not starting with '.', then sorted by path
+        suffix = self.spec.img_suffix
+        rels = sorted(
+            p.relative_to(img_dir).as_posix()
+            for p in img_dir.rglob(f"*{suffix}")
+            if p.is_file() and not p.name.startswith(".")
+        )
+        if not rels:
+            raise OvdenseError(f"{self.spec.title}: no *{suffix} images in {img_dir}; {self.spec.prepare_hint}")
+        return [r[: -len(suffix)] for r in rels]
+
+    def _check_files(self) -> None:
+        spec = self.spec
+        missing_img = [img for img, _ in self.samples if not img.is_file()]
+        if missing_img:
+            more = f" (and {len(missing_img) - 1} more)" if len(missing_img) > 1 else ""
+            raise OvdenseError(f"{spec.title}: image listed in the split is missing: {missing_img[0]}{more}")
+        missing = [(img, lab) for img, lab in self.samples if not lab.is_file()]
+        if missing:
+            img, lab = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            hint = f"; {spec.prepare_hint}" if len(missing) == len(self.samples) else ""
+            raise OvdenseError(f"{spec.title}: no label {lab} for image {img}{more}{hint}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        """Sample ``i``.
+
+        Returns:
+            ``image``: HxWx3 uint8 RGB; ``label``: HxW uint8 class indices after ``reduce_zero_label``
+            (255 = ignore); ``name``: the sample id without folders or suffix (e.g. ``2007_000033``);
+            ``image_path``: str.
+
+        Raises:
+            OvdenseError: the label's size differs from the image's.
+        """
+        img_path, lab_path = self.samples[i]
+        image = read_image(img_path)
+        label = read_label(lab_path, self.spec.reduce_zero_label)
+        if image.shape[:2] != label.shape:
+            (h, w), (lh, lw) = image.shape[:2], label.shape
+            raise OvdenseError(
+                f"{self.spec.title}: label {lab_path} is {lw}x{lh} but image {img_path} is {w}x{h} (WxH)"
+            )
+        name = img_path.name[: -len(self.spec.img_suffix)]
+        return {"image": image, "label": label, "name": name, "image_path": str(img_path)}
+
+    def class_names(self, style: str = "sclip") -> list[list[str]]:
+        """Class names for the method family ``style`` (``sclip``, ``clearclip``, ``declip``); see
+        :func:`read_class_names`."""
+        return read_class_names(self.spec.name, style)
+
+    def __repr__(self) -> str:
+        return f"SegDataset({self.spec.name!r}, root={str(self.root)!r}, {len(self)} images)"
+
+
+def get_dataset(name: str, data_root: str | Path) -> SegDataset:
+    """The validation split of benchmark ``name`` (a key of :data:`DATASETS`) under ``data_root``."""
+    return SegDataset(name, data_root)
