@@ -141,3 +141,16 @@ def test_torchrun_two_processes_equal_one(all_sets, tmp_path):
     assert b["settings"]["processes"] == 2 and a["settings"]["processes"] == 1
     assert a["num_images"] == b["num_images"] == 5
     assert a["per_class"] == b["per_class"] and a["mIoU"] == b["mIoU"]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_label_of_wrong_size_is_one_line_from_any_worker(tmp_path, capsys, workers):
+    data = make_dataset("ade20k", tmp_path / "data", n=2, size=(48, 64), seed=3)
+    bad = next((data.root / "annotations" / "validation").glob(f"{data.names[1]}*.png"))
+    Image.new("L", (10, 10)).save(bad)
+    argv = ["eval", "--dataset", "ade20k", "--data-root", str(data.data_root), "--model", "ovdense-test-vit"]
+    code, _, err = run(argv + ["--out", str(tmp_path / "r"), "--workers", workers], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("ovdense:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert bad.name in lines[0] and "10x10" in lines[0]
+    assert not (tmp_path / "r").exists()  # no table for a failed run

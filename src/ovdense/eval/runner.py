@@ -64,6 +64,22 @@ def shard_indices(n: int, limit: int | None, info: DistInfo) -> list[int]:
     return list(range(info.rank, total, info.world_size))
 
 
+def _unwrap_worker_errors(samples):
+    """Iterate, turning an OvdenseError raised in a DataLoader worker back into its one-line message.
+
+    The loader re-raises a worker's exception with the worker's traceback folded into the message.
+    """
+    try:
+        yield from samples
+    except OvdenseError as err:
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        if len(lines) <= 1:
+            raise
+        last = lines[-1]
+        prefix = "ovdense.errors.OvdenseError: "
+        raise OvdenseError(last[len(prefix) :] if last.startswith(prefix) else last) from None
+
+
 def evaluate(
     segmenter: Segmenter,
     dataset: SegDataset,
@@ -108,7 +124,7 @@ def evaluate(
         loader, total=len(indices), desc=f"{spec.title} {segmenter.preset.method}", unit="img",
         disable=(not progress or not info.is_main) or None,
     )  # fmt: skip
-    for sample in bar:
+    for sample in _unwrap_worker_errors(bar):
         segmenter.set_image(sample["image"])
         result = segmenter.predict(classes)
         label = sample["label"]
