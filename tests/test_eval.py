@@ -110,6 +110,7 @@ def test_real_voc_samples(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(next(tmp_path.glob("voc21_sclip_*.json")).read_text())
     assert result["num_images"] == 3 and result["per_class"][15]["class"] == "person"
+    assert result["per_class"][0]["class"] == "background"  # not the first background word
 
 
 def test_torchrun_two_processes_equal_one(all_sets, tmp_path):

@@ -16,6 +16,10 @@ from .datasets import SegDataset
 from .metrics import IoUAccumulator, SegMetrics
 
 
+#: Benchmarks whose class 0 is background (matched by background words and prob_thd).
+BACKGROUND_CLASS_DATASETS = ("voc21", "context60", "coco_object")
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -135,7 +139,10 @@ def evaluate(
             save_label_png(result.labels, save_dir / f"{sample['name']}.png")
             save_image_atomic(result.overlay(), save_dir / f"{sample['name']}_overlay.png")
     acc.all_reduce()
-    return acc.compute([names[0] for names in classes])
+    display = [names[0] for names in classes]
+    if spec.name in BACKGROUND_CLASS_DATASETS:
+        display[0] = "background"  # class 0 is a list of background words ("sky, wall, tree, ...")
+    return acc.compute(display)
 
 
 def metrics_table(metrics: SegMetrics) -> str:
