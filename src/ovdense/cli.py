@@ -113,31 +113,13 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .fileio import write_json_atomic
-    from .predictor import Segmenter
     from .viz import save_image_atomic, save_label_png
 
     classes = _read_classes(args)
     images = _check_images(args.images)
-    if args.window_batch < 1:
-        raise OvdenseError("--window-batch must be >= 1")
-    cache = False if args.text_cache == "off" else args.text_cache
-    seg = Segmenter.from_pretrained(
-        args.model,
-        pretrained=_default_pretrained(args),
-        checkpoint=args.checkpoint,
-        method=args.method,
-        dataset=args.dataset,
-        device=args.device,
-        precision=args.precision,
-        window_batch=args.window_batch,
-        text_cache_dir=cache,
-        **_preset_overrides(args),
-    )
-    loaded = seg.loaded
-    if loaded.is_test_model:
-        _warn_test_model(args.model)
-    for note in loaded.notes:
-        print(f"note: {note}", file=sys.stderr)
+    preset = _resolve_preset(args, args.dataset)
+    loaded = _load_for_cli(args)
+    seg = _segmenter(args, loaded, preset)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise OvdenseError(f"--out {out} exists and is not a directory")
@@ -165,24 +147,46 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _load_for_cli(args):
+def _load_for_cli(args, verbose: bool = True):
+    """Load the weights the flags name; say so loudly for test archs, and pass on the loader's notes."""
     from .weights import load_model
 
     loaded = load_model(
         args.model, pretrained=_default_pretrained(args), checkpoint=args.checkpoint, device=args.device
     )
-    if loaded.is_test_model:
-        _warn_test_model(args.model)
-    for note in loaded.notes:
-        print(f"note: {note}", file=sys.stderr)
+    if verbose:
+        if loaded.is_test_model:
+            _warn_test_model(args.model)
+        for note in loaded.notes:
+            print(f"note: {note}", file=sys.stderr)
     return loaded
+
+
+def _resolve_preset(args, dataset: str | None):
+    from .presets import get_preset
+
+    try:
+        return get_preset(args.method, dataset, **_preset_overrides(args))
+    except ValueError as err:
+        raise OvdenseError(str(err)) from None
+
+
+def _segmenter(args, loaded, preset):
+    from .predictor import Segmenter
+
+    return Segmenter(
+        loaded,
+        preset,
+        next(loaded.model.parameters()).device,
+        precision=args.precision,
+        window_batch=args.window_batch,
+        text_cache_dir=False if args.text_cache == "off" else args.text_cache,
+    )
 
 
 def cmd_eval(args) -> int:
     from .eval.datasets import DATASETS, get_dataset
-    from .eval.runner import evaluate, init_distributed_from_env, write_results
-    from .predictor import Segmenter
-    from .presets import get_preset
+    from .eval.runner import evaluate, init_distributed_from_env, metrics_table, write_results
 
     if bool(args.all) == bool(args.dataset):
         raise OvdenseError("give --dataset NAME or --all")
@@ -190,32 +194,23 @@ def cmd_eval(args) -> int:
         raise OvdenseError("--limit must be >= 1")
     names = list(DATASETS) if args.all else [args.dataset]
     datasets = [get_dataset(name, args.data_root) for name in names]  # every path checked before any work
-    presets = [get_preset(args.method, name, **_preset_overrides(args)) for name in names]
+    presets = [_resolve_preset(args, name) for name in names]
     info = init_distributed_from_env(args.device)
     device = args.device
     if device is None and info.world_size > 1 and _cuda_available():
         device = f"cuda:{info.local_rank}"
     args.device = device
-    loaded = _load_for_cli(args) if info.is_main else _quiet_load(args)
+    loaded = _load_for_cli(args, verbose=info.is_main)
     out = Path(args.out)
     model_tag = args.model if not args.checkpoint else Path(args.checkpoint).stem
     results = {}
     for dataset, preset in zip(datasets, presets, strict=True):
-        seg = Segmenter(
-            loaded,
-            preset,
-            next(loaded.model.parameters()).device,
-            precision=args.precision,
-            window_batch=args.window_batch,
-            text_cache_dir=False if args.text_cache == "off" else args.text_cache,
-        )
+        seg = _segmenter(args, loaded, preset)
         stem = f"{dataset.spec.name}_{preset.method}"
         save_dir = out / "predictions" / stem if args.save_predictions else None
         metrics = evaluate(seg, dataset, limit=args.limit, num_workers=args.workers, save_dir=save_dir)
         results[dataset.spec.name] = metrics
         if info.is_main:
-            from .eval.runner import metrics_table
-
             print(f"\n## {dataset.spec.title} ({metrics.num_images} images), {preset.method}\n")
             print(metrics_table(metrics))
             settings = {
@@ -250,12 +245,6 @@ def _print_paper_row(results, datasets, out: Path, method: str) -> None:
         {**{d.spec.name: results[d.spec.name].miou for d in datasets}, "avg": avg},
         out / f"summary_{method}.json",
     )
-
-
-def _quiet_load(args):
-    from .weights import load_model
-
-    return load_model(args.model, pretrained=_default_pretrained(args), checkpoint=args.checkpoint, device=args.device)
 
 
 def _cuda_available() -> bool:

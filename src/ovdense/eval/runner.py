@@ -15,7 +15,6 @@ from ..predictor import Segmenter
 from .datasets import SegDataset
 from .metrics import IoUAccumulator, SegMetrics
 
-
 #: Benchmarks whose class 0 is background (matched by background words and prob_thd).
 BACKGROUND_CLASS_DATASETS = ("voc21", "context60", "coco_object")
 
