@@ -188,15 +188,11 @@ def _truncatable_text_tower(model) -> _CausalTextTower | None:
     pooling, HF text towers, and any subclass that overrides the forward (we cannot know what it does).
     """
     if isinstance(model, CLIP) and type(model).encode_text is CLIP.encode_text:
-        tower = _CausalTextTower(
-            token_embedding=model.token_embedding,
-            positional_embedding=model.positional_embedding,
-            transformer=model.transformer,
-            ln_final=model.ln_final,
-            text_projection=model.text_projection,
-            attn_mask=model.attn_mask,
-            pool_type=getattr(model, "text_pool_type", "argmax"),
-            eos_id=getattr(model, "text_eos_id", None),
+        # CLIP keeps the text modules on the model itself.
+        holder, pool_type, eos_id = (
+            model,
+            getattr(model, "text_pool_type", "argmax"),
+            getattr(model, "text_eos_id", None),
         )
     elif isinstance(model, CustomTextCLIP) and type(model).encode_text is CustomTextCLIP.encode_text:
         text = model.text
@@ -209,18 +205,19 @@ def _truncatable_text_tower(model) -> _CausalTextTower | None:
             and not text.output_tokens
         ):
             return None
-        tower = _CausalTextTower(
-            token_embedding=text.token_embedding,
-            positional_embedding=text.positional_embedding,
-            transformer=text.transformer,
-            ln_final=text.ln_final,
-            text_projection=text.text_projection,
-            attn_mask=text.attn_mask,
-            pool_type=text.pool_type,
-            eos_id=getattr(text, "eos_id", None),
-        )
+        holder, pool_type, eos_id = text, text.pool_type, getattr(text, "eos_id", None)
     else:
         return None
+    tower = _CausalTextTower(
+        token_embedding=holder.token_embedding,
+        positional_embedding=holder.positional_embedding,
+        transformer=holder.transformer,
+        ln_final=holder.ln_final,
+        text_projection=holder.text_projection,
+        attn_mask=holder.attn_mask,
+        pool_type=pool_type,
+        eos_id=eos_id,
+    )
     if tower.pool_type not in _TRUNCATABLE_POOLS or (tower.pool_type == "eos" and tower.eos_id is None):
         return None
     if not _is_causal_mask(tower.attn_mask):

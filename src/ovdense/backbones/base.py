@@ -98,10 +98,6 @@ class DenseTower(nn.Module):
         """The standard attention scale head_dim^-0.5."""
         return self.head_dim**-0.5
 
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (h, w) for an input of height x width pixels (the patch conv floors)."""
-        return height // self.patch_size, width // self.patch_size
-
     # The pieces below are implemented per tower.
     def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
         """Embed B x 3 x H x W images and run all blocks but the last.
@@ -133,10 +129,6 @@ class DenseTower(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and projection into the joint space: B x L x C -> B x L x D."""
-        raise NotImplementedError
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """The tower's own global image embedding (B x D, not normalised)."""
         raise NotImplementedError
 
     @staticmethod

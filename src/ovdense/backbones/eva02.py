@@ -38,10 +38,6 @@ class Eva02Tower(DenseTower):
         self.trunk = trunk
         self.num_prefix_tokens = trunk.num_prefix_tokens
 
-    @property
-    def native_grid(self) -> tuple[int, int]:
-        return tuple(self.trunk.patch_embed.grid_size)
-
     def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
         t = self.trunk
         x = t.patch_embed.proj(images)  # B x C x h x w; the patch conv floors like the references
@@ -122,6 +118,3 @@ class Eva02Tower(DenseTower):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         t = self.trunk
         return self.visual.head(t.head(t.fc_norm(t.norm(x))))
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)

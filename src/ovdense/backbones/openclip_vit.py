@@ -33,10 +33,6 @@ class OpenClipViTTower(DenseTower):
         # DeCLIP's OpenAI-ViT path scales its attention logits by head_dim^-0.5.
         self.declip_scale = self.scale
 
-    @property
-    def native_grid(self) -> tuple[int, int]:
-        return tuple(self.visual.grid_size)
-
     def _run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
         batch_first = getattr(self.visual.transformer, "batch_first", True)
         if not batch_first:
@@ -84,6 +80,3 @@ class OpenClipViTTower(DenseTower):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         x = self.visual.ln_post(x)
         return x @ self.visual.proj if self.visual.proj is not None else x
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)
