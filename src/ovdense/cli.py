@@ -1,4 +1,4 @@
-"""Command line: ``ovdense segment | list-models | list-methods``.
+"""Command line: ``ovdense segment | eval | eval-regions | convert | list-models | list-methods``.
 
 Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA...)
 prints one line on stderr and exits 2, before anything is written to ``--out``.
@@ -15,7 +15,7 @@ from .errors import OvdenseError
 EXIT_USAGE = 2
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
@@ -24,11 +24,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
     )
-    g.add_argument("--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip")
+    g.add_argument(
+        "--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip (default %(default)s)"
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
     g.add_argument("--text-cache", default=None, help="text-embedding cache dir ('off' disables)")
+    if not preset_overrides:
+        return
     o = p.add_argument_group("preset overrides (default: the method's published settings)")
     o.add_argument("--short-side", type=int, default=None)
     o.add_argument("--long-side", type=int, default=None)
@@ -41,16 +45,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _preset_overrides(args) -> dict:
-    return {
-        "short_side": args.short_side,
-        "long_side": args.long_side,
-        "crop": args.crop,
-        "stride": args.stride,
-        "logit_scale": args.logit_scale,
-        "prob_thd": args.prob_thd,
-        "area_thd": args.area_thd,
-        "pamr": None if args.pamr is None else args.pamr == "on",
-    }
+    names = ("short_side", "long_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
+    overrides = {name: getattr(args, name, None) for name in names}
+    pamr = getattr(args, "pamr", None)
+    overrides["pamr"] = None if pamr is None else pamr == "on"
+    return overrides
 
 
 def _default_pretrained(args) -> str | None:
@@ -229,6 +228,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_regions(args) -> int:
+    from .eval.panoptic import CocoPanoptic
+    from .eval.regions import evaluate_regions, regions_table, write_region_results
+    from .eval.runner import init_distributed_from_env
+
+    if args.limit is not None and args.limit < 1:
+        raise OvdenseError("--limit must be >= 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise OvdenseError("--image-size must be >= 1")
+    dataset = CocoPanoptic(args.data_root, split=args.split)  # paths checked before any model work
+    preset = _resolve_preset(args, None)
+    info = init_distributed_from_env(args.device)
+    if args.device is None and info.world_size > 1 and _cuda_available():
+        args.device = f"cuda:{info.local_rank}"
+    loaded = _load_for_cli(args, verbose=info.is_main)
+    seg = _segmenter(args, loaded, preset)
+    if args.image_size is not None and args.image_size < loaded.tower.patch_size:
+        raise OvdenseError(f"--image-size must be at least the patch size ({loaded.tower.patch_size})")
+    size = args.image_size or seg.default_region_size
+    metrics, records = evaluate_regions(
+        seg,
+        dataset,
+        image_size=size,
+        crops=args.crops,
+        limit=args.limit,
+        num_workers=args.workers,
+        save_predictions=args.save_predictions,
+    )
+    if info.is_main:
+        print(f"\n## COCO panoptic {args.split} region classification, {preset.method} head, input {size}\n")
+        print(regions_table(metrics))
+        settings = {
+            "data_root": str(args.data_root),
+            "split": args.split,
+            "model": args.model,
+            "weights": loaded.source,
+            "activation": loaded.activation,
+            "method": preset.method,
+            "head": preset.head,
+            "head_kwargs": preset.head_kwargs,
+            "pos_rule": preset.pos_rule,
+            "image_size": size,
+            "crops": args.crops,
+            "templates": "ViLD detection templates (63)",
+            "limit": args.limit,
+            "processes": info.world_size,
+        }
+        written = write_region_results(metrics, args.out, settings, records)
+        print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
 def _print_paper_row(results, datasets, out: Path, method: str) -> None:
     from .eval.datasets import PAPER_COLUMNS
     from .fileio import write_atomic, write_json_atomic
@@ -303,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
+    er = sub.add_parser("eval-regions", help="region classification on COCO panoptic (boxes, masks, crops)")
+    er.add_argument("--data-root", default="data/coco", help="folder holding val2017/ and annotations/")
+    er.add_argument("--split", default="val2017", help="val2017 (default) or another panoptic split")
+    er.add_argument("--image-size", type=int, default=None, help="detection input side (default 64 patches)")
+    er.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    er.add_argument("--crops", action="store_true", help="also score the crop baseline (vanilla tower)")
+    er.add_argument("--out", default="results/regions", help="where metrics.json and the tables go")
+    er.add_argument("--save-predictions", action="store_true", help="also write regions.jsonl")
+    er.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    _add_model_args(er, preset_overrides=False)
+    er.set_defaults(func=cmd_eval_regions, method="declip")
     from .eval.convert import register_cli
 
     register_cli(sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +12,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import OvdenseError
+from . import regions
+from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, create_head
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
 from .pamr import pamr
 from .presets import Preset, get_preset
-from .text import OPENAI_TEMPLATES, TextClassifier, build_text_classifier, parse_class_string
+from .regions import RegionResult
+from .text import (
+    DETECTION_TEMPLATES,
+    OPENAI_TEMPLATES,
+    TextClassifier,
+    build_text_classifier,
+    parse_class_string,
+    validate_classes,
+)
 from .weights import LoadedModel, load_model
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -61,14 +71,23 @@ def pixel_stats(values) -> list[float]:
 
 
 def normalise_classes(classes) -> list[list[str]]:
-    """Accept ``"a; b, c"``, ``["a", "b, c"]`` or ``[["a"], ["b", "c"]]`` -> ``[["a"], ["b", "c"]]``."""
-    if isinstance(classes, str):
-        return parse_class_string(classes)
-    items = list(classes)
-    if not items:
-        raise OvdenseError("the class list is empty")
-    text = "; ".join(", ".join(c) if isinstance(c, (list, tuple)) else str(c) for c in items)
-    return parse_class_string(text)
+    """Accept ``"a; b, c"``, ``["a", "b, c"]`` or ``[["a"], ["b", "c"]]`` -> ``[["a"], ["b", "c"]]``.
+
+    A string is a class string (``;`` between classes, ``,`` between names); in a list, a string item is
+    one class whose names are separated by ``,``, and a list item is one class's names, taken verbatim.
+
+    Raises:
+        InvalidArgumentError: an empty list, an empty class or name, a duplicate name or class.
+    """
+    try:
+        if isinstance(classes, str):
+            return parse_class_string(classes)
+        if classes is None:
+            raise ValueError("the class list is empty")
+        items = [c.split(",") if isinstance(c, str) else c for c in classes]
+        return validate_classes(items)
+    except ValueError as err:
+        raise InvalidArgumentError(f"classes: {err}") from None
 
 
 @dataclass
@@ -147,10 +166,13 @@ class Segmenter:
             torch.tensor(pixel_stats(v), device=device).view(1, 3, 1, 1)
             for v in (tower.preprocess.mean, tower.preprocess.std)
         )
+        # Region classification follows open_clip's transforms: exact statistics on [0, 1] pixels.
+        self._region_mean, self._region_std = tower.preprocess.mean, tower.preprocess.std
         self._text: dict[tuple, TextClassifier] = {}
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
         self._features: WindowFeatures | None = None
+        self._region_maps: dict[int, tuple[torch.Tensor, float]] = {}
 
     @classmethod
     def from_pretrained(
@@ -203,7 +225,10 @@ class Segmenter:
 
     @torch.no_grad()
     def set_image(self, image) -> None:
-        """Resize (mmseg rule), normalise and run the image tower over every sliding window once.
+        """Decode, resize (mmseg rule) and normalise an image; the image tower runs on first use.
+
+        The first :meth:`predict` runs the tower over every sliding window, the first
+        :meth:`classify_regions` over the detection-size input; later calls reuse those features.
 
         Args:
             image: a path, a PIL image or an H x W x 3 uint8 RGB array.
@@ -212,16 +237,28 @@ class Segmenter:
         p = self.preset
         resized = mmseg_resize(img, p.long_side, p.short_side)
         x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float()
-        x = (x - self._mean) / self._std
         self._image = img
-        self._input = x
-        pad = self.loaded.tower.patch_size if p.pad_to_patch else 0
-        self._features = encode_windows(x, self._encode, p.crop, p.stride, self.window_batch, pad)
+        self._input = (x - self._mean) / self._std
+        self._features = None
+        self._region_maps = {}
 
-    def text_classifier(self, classes) -> TextClassifier:
-        """The (cached) text embeddings of a class list: N names x D."""
+    def _window_features(self) -> WindowFeatures:
+        if self._features is None:
+            p = self.preset
+            pad = self.loaded.tower.patch_size if p.pad_to_patch else 0
+            self._features = encode_windows(self._input, self._encode, p.crop, p.stride, self.window_batch, pad)
+        return self._features
+
+    def text_classifier(self, classes, templates=None) -> TextClassifier:
+        """The (cached) text embeddings of a class list: N names x D.
+
+        Args:
+            classes: see :meth:`predict`.
+            templates: prompt templates; default the segmenter's (the 80 OpenAI ImageNet templates).
+        """
         parsed = normalise_classes(classes)
-        key = tuple(tuple(c) for c in parsed)
+        templates = tuple(self.templates if templates is None else templates)
+        key = (tuple(tuple(c) for c in parsed), templates)
         if key not in self._text:
             with warnings.catch_warnings():  # normalise_classes has already warned about this class list
                 warnings.simplefilter("ignore", UserWarning)
@@ -229,7 +266,7 @@ class Segmenter:
                     self.loaded.model,
                     self.loaded.tokenizer,
                     parsed,
-                    templates=self.templates,
+                    templates=templates,
                     cache_dir=self.text_cache_dir,
                     device=self.device,
                 )
@@ -247,12 +284,12 @@ class Segmenter:
         Returns:
             a :class:`SegmentationResult` at the original image size.
         """
-        if self._features is None:
+        if self._image is None:
             raise OvdenseError("call set_image() before predict()")
         text = self.text_classifier(classes)
         p = self.preset
         h0, w0 = self._image.shape[:2]
-        cosine = assemble_cosine_maps(self._features, text.embeddings.to(self.device), (h0, w0))
+        cosine = assemble_cosine_maps(self._window_features(), text.embeddings.to(self.device), (h0, w0))
         if p.pamr:
             guide = torch.nn.functional.interpolate(self._input, size=(h0, w0), mode="bilinear", align_corners=False)
             cosine = pamr(guide, cosine, iterations=p.pamr_iterations, dilations=p.pamr_dilations)
@@ -265,6 +302,120 @@ class Segmenter:
             class_names=text.class_names,
             image=self._image,
             settings=p.to_dict(),
+        )
+
+    # -- regions ----------------------------------------------------------------------------------
+    @property
+    def default_region_size(self) -> int:
+        """Detection input side: 64 patches (1024 for /16 towers, 896 for /14, as CLIPSelf's tests)."""
+        return 64 * self.loaded.tower.patch_size
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's own temperature (``exp(logit_scale)``, 100 for CLIP), used for region probabilities."""
+        value = getattr(self.loaded.model, "logit_scale", None)
+        return float(value.detach().exp()) if isinstance(value, torch.Tensor) else 100.0
+
+    def _region_map(self, size: int) -> tuple[torch.Tensor, float]:
+        """The un-normalised 1 x D x h x w dense map of the detection-size input, and the resize scale."""
+        if size not in self._region_maps:
+            x, scale = regions.detection_input(self._image, size, self._region_mean, self._region_std)
+            with self._autocast():
+                dense = self.head.encode_dense(self.loaded.tower, x.to(self.device), self.preset.pos_rule, False)
+            self._region_maps[size] = (dense.float(), scale)
+        return self._region_maps[size]
+
+    def _crop_features(self, boxes: np.ndarray, enlarge: np.ndarray, batch: int = 32) -> torch.Tensor:
+        tower = self.loaded.tower
+        size = tower.preprocess.image_size
+        cut = regions.crop_boxes(boxes, enlarge, self._image.shape[:2])
+        feats = []
+        for start in range(0, len(cut), batch):
+            x = regions.crop_inputs(self._image, cut[start : start + batch], size, self._region_mean, self._region_std)
+            with self._autocast():
+                feats.append(self.loaded.model.encode_image(x.to(self.device)).float())
+        return torch.cat(feats) if feats else torch.zeros(0, self.loaded.model.visual.output_dim, device=self.device)
+
+    @torch.no_grad()
+    def classify_regions(
+        self,
+        classes,
+        boxes=None,
+        masks=None,
+        pooling: str = "dense",
+        top_k: int = 5,
+        image_size: int | None = None,
+        crop_enlarge: float | Sequence[float] = 1.5,
+        templates=DETECTION_TEMPLATES,
+    ) -> RegionResult:
+        """Name regions of the current image: boxes or masks, one batched pass for all of them.
+
+        Features come from the method's dense head run once on the detection-size input (longest side
+        resized to ``image_size``, padded right/bottom): RoIAlign (1x1, aligned) for boxes, mask pooling
+        for masks (see :mod:`ovdense.regions`). ``pooling="crop"`` is the crop baseline instead: each box,
+        enlarged ``crop_enlarge`` times about its centre, through the vanilla tower.
+
+        Args:
+            classes: as for :meth:`predict` (one class per region label; synonyms allowed).
+            boxes: K x 4 XYXY boxes in image pixels (array, list or tensor).
+            masks: K x H x W bool masks at the image's size.
+            pooling: ``"dense"`` or ``"crop"`` (boxes only).
+            top_k: how many classes to rank per region.
+            image_size: detection input side; default :attr:`default_region_size`.
+            crop_enlarge: one factor or K factors for ``pooling="crop"`` (the benchmark: 1.5 for things,
+                1.0 for stuff).
+            templates: prompt templates; default the 63 ViLD detection templates of the benchmark.
+
+        Returns:
+            a :class:`~ovdense.regions.RegionResult` over the K regions (K = 0 is fine).
+
+        Raises:
+            InvalidArgumentError: bad classes, boxes, masks or options (the message names the argument).
+        """
+        if self._image is None:
+            raise OvdenseError("call set_image() before classify_regions()")
+        if (boxes is None) == (masks is None):
+            raise InvalidArgumentError("boxes, masks: give exactly one of them")
+        if pooling not in regions.POOLINGS:
+            raise InvalidArgumentError(f"pooling: expected one of {regions.POOLINGS}, got {pooling!r}")
+        if pooling == "crop" and masks is not None:
+            raise InvalidArgumentError("pooling: 'crop' classifies boxes; pass boxes, or pooling='dense' for masks")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InvalidArgumentError(f"top_k: expected an integer >= 1, got {top_k!r}")
+        size = self.default_region_size if image_size is None else image_size
+        if not isinstance(size, int) or size < self.loaded.tower.patch_size:
+            raise InvalidArgumentError(f"image_size: expected an integer >= the patch size, got {image_size!r}")
+        text = self.text_classifier(classes, templates)
+        hw = self._image.shape[:2]
+        if boxes is not None:
+            arr = regions.check_boxes(boxes, hw)
+            if pooling == "crop":
+                enlarge = regions.as_enlarge(crop_enlarge, len(arr))
+                if enlarge.shape != (len(arr),) or not (enlarge > 0).all():
+                    raise InvalidArgumentError("crop_enlarge: expected one positive factor or one per box")
+                feats, source = self._crop_features(arr, enlarge), "crop"
+            else:
+                dense, scale = self._region_map(size)
+                grid_boxes = regions.boxes_on_grid(torch.from_numpy(arr).float(), scale, (size, size), dense.shape[-2:])
+                feats, source = regions.roi_features(dense, grid_boxes), "box"
+        else:
+            mask_t = regions.check_masks(masks, hw)
+            dense, _ = self._region_map(size)
+            grid_masks = regions.masks_on_grid(mask_t, dense.shape[-1])
+            feats, source = regions.mask_features(dense, grid_masks), "mask"
+        feats = torch.nn.functional.normalize(feats, dim=-1)
+        scores, probs = regions.classify_features(
+            feats, text.embeddings, text.name_to_class, text.num_classes, self.logit_scale
+        )
+        topk_indices, topk_scores = regions.rank(scores, probs, top_k)
+        return RegionResult(
+            scores=scores.cpu(),
+            probs=probs.cpu(),
+            topk_indices=topk_indices,
+            topk_scores=topk_scores,
+            features=feats.cpu(),
+            class_names=text.class_names,
+            source=source,
         )
 
     def __call__(self, image, classes) -> SegmentationResult:

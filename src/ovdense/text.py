@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from .fileio import write_atomic
 
 __all__ = [
+    "DETECTION_TEMPLATES",
+    "DetectionTemplate",
     "OPENAI_TEMPLATES",
     "TextClassifier",
     "build_text_classifier",
@@ -41,12 +43,114 @@ __all__ = [
     "parse_class_string",
     "read_class_file",
     "text_tower_digest",
+    "validate_classes",
 ]
 
 OPENAI_TEMPLATES: tuple = tuple(OPENAI_IMAGENET_TEMPLATES)
 """The 80 OpenAI ImageNet prompt templates (callables ``t(name) -> str``)."""
 
 Template = Callable[[str], str] | str
+
+
+def _article(name: str) -> str:
+    return "an" if name[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
+def _prompt_name(name: str) -> str:
+    # LVIS writes spaces as '_' and Objects365 alternatives as '/'.
+    return name.replace("_", " ").replace("/", " or ").lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class DetectionTemplate:
+    """A ViLD-style detection prompt: ``pattern`` with ``{article}`` and ``{}`` slots.
+
+    ``t(name)`` fills the slot with the name lower-cased (``_`` -> space, ``/`` -> `` or ``, trailing dots
+    dropped) and the article from the name's first letter, then prefixes ``"This is "`` when the prompt
+    starts with ``a`` or ``the`` (as CLIPSelf's and DeCLIP's ``generate_text_embeddings.py``).
+    """
+
+    pattern: str
+
+    def __call__(self, name: str) -> str:
+        text = self.pattern.format(_prompt_name(name), article=_article(name))
+        return "This is " + text if text.startswith(("a", "the")) else text
+
+    @property
+    def cache_key(self) -> str:
+        # The prompt depends on the name beyond plain substitution, so the key names the rule too.
+        return "detection:" + self.pattern
+
+
+DETECTION_TEMPLATES: tuple[DetectionTemplate, ...] = tuple(
+    DetectionTemplate(p)
+    for p in (
+        "There is {article} {} in the scene.",
+        "There is the {} in the scene.",
+        "a photo of {article} {} in the scene.",
+        "a photo of the {} in the scene.",
+        "a photo of one {} in the scene.",
+        "itap of {article} {}.",
+        "itap of my {}.",
+        "itap of the {}.",
+        "a photo of {article} {}.",
+        "a photo of my {}.",
+        "a photo of the {}.",
+        "a photo of one {}.",
+        "a photo of many {}.",
+        "a good photo of {article} {}.",
+        "a good photo of the {}.",
+        "a bad photo of {article} {}.",
+        "a bad photo of the {}.",
+        "a photo of a nice {}.",
+        "a photo of the nice {}.",
+        "a photo of a cool {}.",
+        "a photo of the cool {}.",
+        "a photo of a weird {}.",
+        "a photo of the weird {}.",
+        "a photo of a small {}.",
+        "a photo of the small {}.",
+        "a photo of a large {}.",
+        "a photo of the large {}.",
+        "a photo of a clean {}.",
+        "a photo of the clean {}.",
+        "a photo of a dirty {}.",
+        "a photo of the dirty {}.",
+        "a bright photo of {article} {}.",
+        "a bright photo of the {}.",
+        "a dark photo of {article} {}.",
+        "a dark photo of the {}.",
+        "a photo of a hard to see {}.",
+        "a photo of the hard to see {}.",
+        "a low resolution photo of {article} {}.",
+        "a low resolution photo of the {}.",
+        "a cropped photo of {article} {}.",
+        "a cropped photo of the {}.",
+        "a close-up photo of {article} {}.",
+        "a close-up photo of the {}.",
+        "a jpeg corrupted photo of {article} {}.",
+        "a jpeg corrupted photo of the {}.",
+        "a blurry photo of {article} {}.",
+        "a blurry photo of the {}.",
+        "a pixelated photo of {article} {}.",
+        "a pixelated photo of the {}.",
+        "a black and white photo of the {}.",
+        "a black and white photo of {article} {}.",
+        "a plastic {}.",
+        "the plastic {}.",
+        "a toy {}.",
+        "the toy {}.",
+        "a plushie {}.",
+        "the plushie {}.",
+        "a cartoon {}.",
+        "the cartoon {}.",
+        "an embroidered {}.",
+        "the embroidered {}.",
+        "a painting of the {}.",
+        "a painting of a {}.",
+    )
+)
+"""The 63 ViLD templates of the region-classification protocol (CLIPSelf, DeCLIP, SCD)."""
 
 # Bump when the cached quantity or its file layout changes, so old files are never reused.
 _CACHE_VERSION = 1
@@ -58,7 +162,12 @@ _CLIP_TEXT_ATTRS = ("token_embedding", "positional_embedding", "transformer", "l
 # -- class lists -------------------------------------------------------------------------------------
 
 
-def _validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[list[str]]:
+def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[list[str]]:
+    """Check a list of name lists and strip the names.
+
+    Raises:
+        ValueError: an empty list, an empty class or name, a name twice in a class, or a class twice.
+    """
     prefix = f"{where}: " if where else ""
     if isinstance(classes, str) or not isinstance(classes, Sequence):
         raise ValueError(f"{prefix}classes must be a list of name lists, got {type(classes).__name__}")
@@ -118,7 +227,7 @@ def parse_class_string(text: str) -> list[list[str]]:
         if not chunk.strip():
             raise ValueError(f"class {ci} is empty in {text!r} (stray ';'?)")
         classes.append(chunk.split(","))
-    return _validate_classes(classes)
+    return validate_classes(classes)
 
 
 def read_class_file(path: str | os.PathLike) -> list[list[str]]:
@@ -134,7 +243,7 @@ def read_class_file(path: str | os.PathLike) -> list[list[str]]:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the class file has no classes")
-    return _validate_classes([line.split(",") for line in lines], where=str(path))
+    return validate_classes([line.split(",") for line in lines], where=str(path))
 
 
 def flatten_classes(classes: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
@@ -143,7 +252,7 @@ def flatten_classes(classes: Sequence[Sequence[str]]) -> tuple[list[str], torch.
     Returns:
         ``(names, name_to_class)``: N names and an int64 tensor of shape (N,) with each name's class.
     """
-    classes = _validate_classes(classes)
+    classes = validate_classes(classes)
     names = [name for names in classes for name in names]
     name_to_class = torch.tensor([ci for ci, names in enumerate(classes) for _ in names], dtype=torch.long)
     return names, name_to_class
@@ -378,6 +487,9 @@ def default_cache_dir() -> Path:
 
 
 def _template_string(template: Template) -> str:
+    key = getattr(template, "cache_key", None)
+    if key is not None:
+        return key
     return template if isinstance(template, str) else template("{}")
 
 
@@ -473,7 +585,7 @@ def build_text_classifier(
     """
     if isinstance(classes, str):
         classes = parse_class_string(classes)
-    classes = _validate_classes(classes)
+    classes = validate_classes(classes)
     names, name_to_class = flatten_classes(classes)
     templates = list(templates)
     if not templates:

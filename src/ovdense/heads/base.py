@@ -32,7 +32,9 @@ class DenseHead:
     def last_block(self, tower: DenseTower, x: torch.Tensor, context: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_dense(self, tower: DenseTower, images: torch.Tensor, pos_rule: str = "sclip") -> torch.Tensor:
+    def encode_dense(
+        self, tower: DenseTower, images: torch.Tensor, pos_rule: str = "sclip", normalize: bool = True
+    ) -> torch.Tensor:
         """Dense features of a batch of images.
 
         Args:
@@ -40,14 +42,18 @@ class DenseHead:
             images: B x 3 x H x W normalised images.
             pos_rule: positional-embedding resize rule (``"sclip"`` or ``"size"``, see
                 :func:`ovdense.backbones.base.resize_patch_pos_embed`).
+            normalize: L2-normalise each token. Region pooling (RoIAlign, mask means) works on the
+                un-normalised map and normalises the pooled vector, as CLIPSelf and DeCLIP do.
 
         Returns:
-            B x D x H/p x W/p projected, L2-normalised features (D = joint embedding width).
+            B x D x H/p x W/p projected features (D = joint embedding width), L2-normalised per token
+            when ``normalize``.
         """
         x, context = tower.tokens_before_last_block(images, pos_rule)
         y = self.last_block(tower, x, context)
         y = tower.project(y)[:, tower.num_prefix_tokens :]
-        y = F.normalize(y, dim=-1)
+        if normalize:
+            y = F.normalize(y, dim=-1)
         h, w = context["grid"]
         return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
 
