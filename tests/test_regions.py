@@ -39,12 +39,14 @@ def dense_map(seg, size):
     tower = seg.loaded.tower
     x, scale = reference_input(IMAGE, size, tower.preprocess.mean, tower.preprocess.std)
     with torch.no_grad():
-        return seg.head.encode_dense(tower, x, seg.preset.pos_rule, normalize=False), scale
+        # The references pool EVA02 maps as they are and open_clip ViT maps token-normalised.
+        return seg.head.encode_dense(tower, x, seg.preset.pos_rule, normalize=tower.region_tokens_normalized), scale
 
 
 @pytest.mark.parametrize("method", ["declip", "sclip", "clip"])
-def test_box_features_are_roi_align_on_the_dense_map(tiny_vit, method):
-    seg = make(tiny_vit, method)
+@pytest.mark.parametrize("arch", ["vit", "eva"])
+def test_box_features_are_roi_align_on_the_dense_map(tiny_vit, tiny_eva, method, arch):
+    seg = make(tiny_vit if arch == "vit" else tiny_eva, method)
     seg.set_image(IMAGE)
     result = seg.classify_regions(CLASSES, boxes=BOXES, image_size=SIZE)
     fmap, scale = dense_map(seg, SIZE)
@@ -55,8 +57,12 @@ def test_box_features_are_roi_align_on_the_dense_map(tiny_vit, method):
     expected = F.normalize(roi_align(fmap, [grid], (1, 1), 1.0, -1, True)[:, :, 0, 0], dim=-1)
     assert result.source == "box" and len(result) == 3
     torch.testing.assert_close(result.features, expected, atol=1e-6, rtol=1e-5)
-    # The dense map is un-normalised: the pooled vector is normalised after pooling, not the tokens before.
-    assert not torch.allclose(fmap.norm(dim=1), torch.ones(1))
+    # EVA02 (DeCLIP eva_vit_model.py) pools un-normalised tokens; open_clip ViTs (transformer.py) normalised ones.
+    token_norms = fmap.norm(dim=1)
+    if arch == "vit":
+        torch.testing.assert_close(token_norms, torch.ones_like(token_norms))
+    else:
+        assert not torch.allclose(token_norms, torch.ones_like(token_norms))
 
 
 def test_mask_features_are_the_masked_mean(tiny_eva):

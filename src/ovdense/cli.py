@@ -29,6 +29,12 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    g.add_argument(
+        "--declip-mode",
+        default=None,
+        choices=("csa", "qq"),
+        help="DeCLIP head attention (default csa; DeCLIP's released training and region numbers use qq)",
+    )
     g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
     g.add_argument("--text-cache", default=None, help="text-embedding cache dir ('off' disables)")
     if not preset_overrides:
@@ -164,8 +170,14 @@ def _load_for_cli(args, verbose: bool = True):
 def _resolve_preset(args, dataset: str | None):
     from .presets import get_preset
 
+    overrides = _preset_overrides(args)
+    mode = getattr(args, "declip_mode", None)
+    if mode is not None:
+        if args.method != "declip":
+            raise OvdenseError(f"--declip-mode applies to --method declip, not {args.method}")
+        overrides["head_kwargs"] = {"mode": mode}
     try:
-        return get_preset(args.method, dataset, **_preset_overrides(args))
+        return get_preset(args.method, dataset, **overrides)
     except ValueError as err:
         raise OvdenseError(str(err)) from None
 
@@ -280,6 +292,92 @@ def cmd_eval_regions(args) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    import dataclasses
+
+    from .train.config import TrainConfig
+
+    helps = {
+        "data": "folder of images (recursive) or webdataset .tar shards (a folder, a file or a glob)",
+        "out": "run folder: config.json, checkpoints/, state/, log.csv, tb/",
+        "model": "student architecture (open_clip name; default EVA02-B-16)",
+        "pretrained": "open_clip pretrained tag of the student",
+        "checkpoint": "student weights file (EVA-CLIP layout, open_clip, safetensors)",
+        "mode": "DeCLIP attention: csa (q-q + k-k) or qq",
+        "unlocked_blocks": "train only the last N transformer blocks (default all)",
+        "image_size": "student input side (longest side resized, padded right/bottom)",
+        "vfm": "VFM teacher: dinov2-{s,b,l}[-reg], dino-b8, dino-b16 or timm:<name>",
+        "vfm_checkpoint": "local weights file for the VFM teacher",
+        "sd": "add the Stable Diffusion teacher (SD-guided VFM affinity; needs ovdense[diffusion])",
+        "sd_model": "diffusers model id or local folder of the SD teacher",
+        "recipe": "released (DeCLIP's code) or extended (KL context, SD, RoI tokens, RCC; ours where unpublished)",
+        "context_loss": "l2 (released) or kl (extended)",
+        "content_loss": "roi (1x1 RoIAlign, released) or tokens (N x N RoI tokens, extended)",
+        "roi_tokens": "N of the N x N RoI tokens",
+        "batch_size": "images per process per micro-batch",
+        "accum_steps": "micro-batches per optimiser step",
+        "precision": "auto (fp16 AMP on CUDA, fp32 on CPU), fp32, fp16, bf16",
+        "alpha": "saved weights = alpha*student + (1-alpha)*initial weights",
+        "max_steps": "stop after this many optimiser steps (smoke runs)",
+        "save_every": "also write the resume point every N steps (0: at epoch ends only)",
+        "val_data": "COCO panoptic folder: region classification at each epoch end",
+        "val_limit": "validation images (default all)",
+        "resume": "run folder (or its state/) to continue from",
+        "device": "cpu, cuda, cuda:1 ... (default: cuda if available)",
+    }
+    tr = sub.add_parser("train", help="distillation training (DeCLIP; one trainer, pluggable objectives)")
+    objectives = tr.add_subparsers(dest="objective", required=True)
+    p = objectives.add_parser("declip", help="DeCLIP: content (CLIP crops) + context (VFM affinities)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("objective", "extra"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": None, "help": helps.get(f.name)}
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", **kw)
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, **kw)
+        else:
+            base = f.default if f.default is not None else ""
+            kind = {int: int, float: float}.get(type(base), str)
+            if f.name in ("unlocked_blocks", "max_steps", "val_limit"):
+                kind = int
+            p.add_argument(flag, type=kind, required=f.name in ("data", "out"), **kw)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from .train.config import RECIPES, TrainConfig
+    from .train.trainer import Trainer
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    # Flags not given are None (store_true ones False): only given ones override the config and the recipe.
+    given = {n: v for n in names if (v := getattr(args, n, None)) is not None and v is not False}
+    given["objective"] = args.objective
+    recipe = given.pop("recipe", "released")
+    if recipe not in RECIPES:
+        raise OvdenseError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+    try:
+        cfg = TrainConfig(**given).with_recipe(recipe, explicit=set(given))
+    except (TypeError, ValueError) as err:
+        raise OvdenseError(str(err)) from None
+    try:
+        trainer = Trainer.from_config(cfg)
+    except ValueError as err:
+        raise OvdenseError(str(err).splitlines()[0]) from None
+    if trainer.dist.is_main:
+        if trainer.loaded.is_test_model:
+            _warn_test_model(cfg.model)
+        if getattr(trainer.vfm, "is_test_model", False):
+            _warn_test_model(f"the VFM teacher {cfg.vfm}")
+    last = trainer.fit()
+    if last is not None and trainer.dist.is_main:
+        print(f"wrote {last}")
+    return 0
+
+
 def _print_paper_row(results, datasets, out: Path, method: str) -> None:
     from .eval.datasets import PAPER_COLUMNS
     from .fileio import write_atomic, write_json_atomic
@@ -368,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.convert import register_cli
 
     register_cli(sub)
+    _train_parser(sub)
     lm = sub.add_parser("list-models", help="architectures with a dense head and their pretrained tags")
     lm.set_defaults(func=cmd_list_models)
     lme = sub.add_parser("list-methods", help="dense heads / method presets")

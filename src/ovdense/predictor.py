@@ -317,11 +317,15 @@ class Segmenter:
         return float(value.detach().exp()) if isinstance(value, torch.Tensor) else 100.0
 
     def _region_map(self, size: int) -> tuple[torch.Tensor, float]:
-        """The un-normalised 1 x D x h x w dense map of the detection-size input, and the resize scale."""
+        """The 1 x D x h x w dense map of the detection-size input (token-normalised only where the references
+        normalise, see :attr:`DenseTower.region_tokens_normalized`), and the resize scale."""
         if size not in self._region_maps:
             x, scale = regions.detection_input(self._image, size, self._region_mean, self._region_std)
             with self._autocast():
-                dense = self.head.encode_dense(self.loaded.tower, x.to(self.device), self.preset.pos_rule, False)
+                tower = self.loaded.tower
+                dense = self.head.encode_dense(
+                    tower, x.to(self.device), self.preset.pos_rule, tower.region_tokens_normalized
+                )
             self._region_maps[size] = (dense.float(), scale)
         return self._region_maps[size]
 

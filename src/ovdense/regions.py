@@ -7,10 +7,11 @@ The protocol of CLIPSelf's and DeCLIP's region-classification benchmark (``zero_
   right/bottom to ``size x size``, then ``ToTensor`` and the model's exact mean/std.
 - **Box features** (:func:`roi_features`): boxes in image pixels are scaled to the resized image, divided
   by the padded size and multiplied by the grid size (grid units), then ``roi_align(map, boxes, (1, 1),
-  spatial_scale=1, sampling_ratio=-1, aligned=True)`` on the projected, *un-normalised* dense map.
+  spatial_scale=1, sampling_ratio=-1, aligned=True)`` on the projected dense map: un-normalised tokens for
+  EVA02 towers, L2-normalised tokens for open_clip ViTs (each reference's ``encode_dense`` differs so).
 - **Mask features** (:func:`mask_features`): each mask resized longest side to the grid (bicubic on the
-  0/1 float mask, no antialiasing), zero-padded right/bottom, ``> 0``; the mean of the un-normalised dense
-  tokens inside (``sum / (count + 1e-12)``).
+  0/1 float mask, no antialiasing), zero-padded right/bottom, ``> 0``; the mean of the dense tokens inside
+  (``sum / (count + 1e-12)``).
 - **Crop baseline** (:func:`crop_inputs`): each box enlarged about its centre (1.5x for things), clipped
   to the image, cut from the original image, longest side resized to the tower's input size, centred zero
   padding, through the vanilla tower (``encode_image``).
@@ -100,7 +101,7 @@ def roi_features(dense_map: torch.Tensor, grid_boxes: torch.Tensor) -> torch.Ten
     """1x1 aligned RoIAlign of each box on one image's dense map.
 
     Args:
-        dense_map: 1 x D x h x w, un-normalised.
+        dense_map: 1 x D x h x w (tokens normalised or not, as the tower's reference pools them).
         grid_boxes: K x 4 XYXY in grid units.
 
     Returns:
@@ -135,7 +136,7 @@ def mask_features(dense_map: torch.Tensor, grid_masks: torch.Tensor) -> torch.Te
     """Mean of the dense tokens inside each mask.
 
     Args:
-        dense_map: 1 x D x h x w, un-normalised.
+        dense_map: 1 x D x h x w (tokens normalised or not, as the tower's reference pools them).
         grid_masks: K x h x w bool.
 
     Returns:

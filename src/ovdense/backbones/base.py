@@ -83,6 +83,10 @@ class DenseTower(nn.Module):
     num_prefix_tokens: int = 1
     #: Attention-logit scale the DeCLIP head uses on this tower (EVA02: none, OpenAI ViT: head_dim^-0.5).
     declip_scale: float = 1.0
+    #: Whether region pooling (RoIAlign, mask means; training's content RoIs too) runs on L2-normalised tokens.
+    #: CLIPSelf's and DeCLIP's open_clip ViT ``encode_dense`` normalises every token ("FIXME code from
+    #: clipself"); their EVA02 ``encode_dense`` does not.
+    region_tokens_normalized: bool = False
 
     def __init__(self, preprocess: Preprocess, patch_size: int, num_heads: int, width: int, out_dim: int):
         super().__init__()
@@ -129,6 +133,20 @@ class DenseTower(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and projection into the joint space: B x L x C -> B x L x D."""
+        raise NotImplementedError
+
+    # Parameter groups the trainers freeze or unfreeze.
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The transformer blocks, first to last."""
+        raise NotImplementedError
+
+    def ffn_modules(self) -> list[torch.nn.Module]:
+        """The last block's FFN branch (norm, MLP, layer scale): unused by the training-free heads."""
+        raise NotImplementedError
+
+    def key_parameters(self) -> list[torch.nn.Parameter]:
+        """The last block's separate key projection, or ``[]`` when q, k, v share one packed matrix."""
         raise NotImplementedError
 
     @staticmethod

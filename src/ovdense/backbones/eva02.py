@@ -115,6 +115,20 @@ class Eva02Tower(DenseTower):
     def last_block(self, x: torch.Tensor, context: dict) -> torch.Tensor:
         return self._block(x, rope=context.get("rope"))
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.trunk.blocks
+
+    def ffn_modules(self) -> list[torch.nn.Module]:
+        blk = self._block
+        return [blk.norm2, blk.mlp] + ([blk.gamma_2] if isinstance(blk.gamma_2, torch.nn.Parameter) else [])
+
+    def key_parameters(self) -> list[torch.nn.Parameter]:
+        attn = self._block.attn
+        if attn.qkv is not None:
+            return []
+        return list(attn.k_proj.parameters())
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         t = self.trunk
         return self.visual.head(t.head(t.fc_norm(t.norm(x))))

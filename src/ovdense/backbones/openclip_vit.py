@@ -19,6 +19,7 @@ class OpenClipViTTower(DenseTower):
 
     kind = "openclip-vit"
     num_prefix_tokens = 1
+    region_tokens_normalized = True
 
     def __init__(self, visual: VisionTransformer, preprocess: Preprocess):
         if getattr(visual, "attn_pool", None) is not None:
@@ -76,6 +77,17 @@ class OpenClipViTTower(DenseTower):
 
     def last_block(self, x: torch.Tensor, context: dict) -> torch.Tensor:
         return self._run_blocks([self._block], x)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def ffn_modules(self) -> list[torch.nn.Module]:
+        return [self._block.ln_2, self._block.mlp, self._block.ls_2]
+
+    def key_parameters(self) -> list[torch.nn.Parameter]:
+        # k lives in rows C..2C of the packed in_proj: it cannot be frozen on its own (nor does DeCLIP).
+        return []
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         x = self.visual.ln_post(x)

@@ -42,8 +42,8 @@ class DenseHead:
             images: B x 3 x H x W normalised images.
             pos_rule: positional-embedding resize rule (``"sclip"`` or ``"size"``, see
                 :func:`ovdense.backbones.base.resize_patch_pos_embed`).
-            normalize: L2-normalise each token. Region pooling (RoIAlign, mask means) works on the
-                un-normalised map and normalises the pooled vector, as CLIPSelf and DeCLIP do.
+            normalize: L2-normalise each token. Region pooling on EVA02 works on the un-normalised map
+                and normalises the pooled vector, as DeCLIP does.
 
         Returns:
             B x D x H/p x W/p projected features (D = joint embedding width), L2-normalised per token

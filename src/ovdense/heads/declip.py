@@ -24,11 +24,26 @@ class DeclipHead(DenseHead):
         self.mode = mode
 
     def last_block(self, tower, x, context):
+        return self.decoupled(tower, x)[0]
+
+    def decoupled(self, tower, x):
+        """Content tokens and the context features of one pass through the last block.
+
+        Args:
+            tower: the image tower.
+            x: B x L x C tokens entering the last block.
+
+        Returns:
+            ``(content, q, k)``: content B x L x C (this head's last block, before the final norm and
+            projection); q and k B x L x C, the last block's query and key features with heads concatenated
+            (biases included, unscaled, no RoPE) — DeCLIP's context features.
+        """
         q, k, v = tower.qkv(tower.last_norm1(x))
         weights = self_softmax(q, tower.declip_scale)
         if self.mode == "csa":
             weights = weights + self_softmax(k, tower.declip_scale)
-        return tower.attn_out(attend(weights, v))
+        content = tower.attn_out(attend(weights, v))
+        return content, tower.merge_heads(q), tower.merge_heads(k)
 
     def __repr__(self) -> str:
         return f"DeclipHead(mode={self.mode!r})"

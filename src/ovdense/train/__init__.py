@@ -1,0 +1,1 @@
+"""Training: DeCLIP and SCD distillation on unlabeled images."""
