@@ -346,3 +346,54 @@ def test_cli_sd_without_the_extra(images, tmp_path, capsys, monkeypatch):
             "--vfm", "test-dinov2", "--image-size", "64", "--workers", "0", "--sd"]  # fmt: skip
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "ovdense[diffusion]" in one_error_line(err)
+
+
+def test_validation_runs_region_classification_each_epoch(images, tmp_path, capsys):
+    from ovdense.eval.panoptic import CocoPanoptic
+    from ovdense.eval.regions import evaluate_regions
+    from ovdense.presets import get_preset
+    from panoptic_fixtures import make_panoptic
+
+    coco = make_panoptic(tmp_path / "coco")
+    out = tmp_path / "run"
+    trainer = Trainer.from_config(config(images, out, epochs=2, val_data=str(coco.data_root), val_image_size=64))
+    last = trainer.fit()
+    rows = list(csv_rows(out / "val.csv"))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    keys = [f"val/{k}_{g}_top1" for k in ("box", "mask") for g in ("things", "stuff")]
+    assert all(k in rows[0] for k in keys)
+    assert "epoch 2 validation" in capsys.readouterr().out
+    # The figures are those of the saved (ensembled) checkpoint, evaluated on its own.
+    seg = Segmenter(load_model("ovdense-test-eva02", checkpoint=last), get_preset("declip"), torch.device("cpu"))
+    metrics, _ = evaluate_regions(seg, CocoPanoptic(coco.data_root), image_size=64, num_workers=0, progress=False)
+    for k in keys:
+        kind, group = k[4:].split("_")[:2]
+        assert float(rows[-1][k]) == pytest.approx(metrics.results[kind][group]["top1"], abs=1e-9)
+
+
+def test_teacher_cache_runs_the_teachers_once(images, tmp_path, monkeypatch):
+    from ovdense.train.tiny_teachers import save_tiny_sd
+
+    sd = save_tiny_sd(tmp_path / "sd")
+    cache = tmp_path / "cache"
+    kw = dict(epochs=1, sd=True, sd_model=str(sd), sd_size=32, teacher_cache=str(cache))
+    first = Trainer.from_config(config(images, tmp_path / "a", **kw))
+    first.fit()
+    caches = first.objective.caches
+    assert caches["vfm"].misses == 8 and caches["vfm"].hits == 0 and caches["sd"].misses == 8
+    assert len(list((cache).glob("vfm-*/*.safetensors"))) == 8 and len(list(cache.glob("sd-*/*.safetensors"))) == 8
+    second = Trainer.from_config(config(images, tmp_path / "b", **kw))
+
+    def fail(*a, **k):
+        raise AssertionError("teacher ran despite the cache")
+
+    monkeypatch.setattr(second.vfm, "features", fail)
+    monkeypatch.setattr(second.sd, "attention_chain", fail)
+    second.fit()
+    assert second.objective.caches["vfm"].hits == 8
+    la = [r["loss"] for r in csv_rows(tmp_path / "a" / "log.csv")]
+    lb = [r["loss"] for r in csv_rows(tmp_path / "b" / "log.csv")]
+    assert la == lb  # cold and warm cache give the same numbers
+    # another teacher (different proxy size) never reads these files
+    third = Trainer.from_config(config(images, tmp_path / "c", **{**kw, "image_size": 80}))
+    assert third.objective.caches["vfm"].dir != caches["vfm"].dir

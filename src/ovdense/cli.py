@@ -310,6 +310,7 @@ def _train_parser(sub) -> None:
         "vfm_checkpoint": "local weights file for the VFM teacher",
         "sd": "add the Stable Diffusion teacher (SD-guided VFM affinity; needs ovdense[diffusion])",
         "sd_model": "diffusers model id or local folder of the SD teacher",
+        "teacher_cache": "folder caching VFM (and SD) outputs per image, so they run once over all epochs",
         "recipe": "released (DeCLIP's code) or extended (KL context, SD, RoI tokens, RCC; ours where unpublished)",
         "context_loss": "l2 (released) or kl (extended)",
         "content_loss": "roi (1x1 RoIAlign, released) or tokens (N x N RoI tokens, extended)",

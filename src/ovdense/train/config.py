@@ -48,6 +48,7 @@ class TrainConfig:
     sd_size: int = 512
     sd_timestep: int = 100
     sd_layers: str = "up-finest-2"
+    teacher_cache: str | None = None
     # losses
     recipe: str = "released"
     context_loss: str = "l2"

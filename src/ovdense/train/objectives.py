@@ -55,11 +55,13 @@ class DeclipObjective:
         clip_teacher: a :class:`~ovdense.train.teachers.ClipTeacher` (frozen initial weights).
         vfm: a :class:`~ovdense.train.teachers.VfmTeacher`.
         sd: a :class:`~ovdense.train.teachers.SdTeacher` for the SD-guided affinity, or None.
+        caches: optional ``{"vfm": TeacherCache, "sd": TeacherCache}`` (see :mod:`ovdense.train.cache`).
+        name_of: maps a dataset index to the image's stable name (the cache key); needed with ``caches``.
     """
 
     name = "declip"
 
-    def __init__(self, cfg: TrainConfig, clip_teacher, vfm, sd=None):
+    def __init__(self, cfg: TrainConfig, clip_teacher, vfm, sd=None, caches: dict | None = None, name_of=None):
         if cfg.context_loss not in ("l2", "kl"):
             raise ValueError(f"unknown context loss {cfg.context_loss!r}; expected l2 or kl")
         if cfg.content_loss not in ("roi", "tokens"):
@@ -70,6 +72,8 @@ class DeclipObjective:
         self.clip_teacher = clip_teacher
         self.vfm = vfm
         self.sd = sd
+        self.caches = caches or {}
+        self.name_of = name_of
 
     @property
     def weights(self) -> dict[str, float]:
@@ -99,15 +103,16 @@ class DeclipObjective:
         rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
         n_local = int(valid.sum())
         share = regions_share(n_local, out.content.device)
+        device = out.content.device
         with torch.no_grad():
             teacher_cls = self.clip_teacher.crop_embeddings(batch["crops"][valid])
-            vfm_map = self.vfm.features(batch["proxy_vfm"])  # B x C x h' x w'
+            vfm_map = self._teacher("vfm", batch, lambda x: self.vfm.features(x), "proxy_vfm").to(device)
         vfm_grid = tuple(vfm_map.shape[-2:])
         vfm_tokens = vfm_map.flatten(2).transpose(1, 2)
         with torch.no_grad():
             s_teacher = L.cosine_affinity(vfm_tokens)
             if self.sd is not None:
-                chain = self.sd.attention_chain(batch["sd"], vfm_grid)
+                chain = self._teacher("sd", batch, lambda x: self.sd.attention_chain(x, vfm_grid), "sd").to(device)
                 s_teacher = L.sd_guided_affinity(chain, s_teacher)
 
         terms: dict[str, torch.Tensor] = {}
@@ -132,6 +137,14 @@ class DeclipObjective:
         else:
             terms["context"] = L.context_loss_kl(s_teacher, s_student, tau=cfg.context_tau)
         return terms
+
+    def _teacher(self, kind: str, batch: dict, run, key: str) -> torch.Tensor:
+        """``run(batch[key])``, through the on-disk cache of ``kind`` when there is one."""
+        cache = self.caches.get(kind)
+        if cache is None:
+            return run(batch[key])
+        names = [self.name_of(int(i)) for i in batch["index"]]
+        return cache.batch(names, lambda pos: run(batch[key][pos]))
 
     @property
     def head_mode(self) -> str:

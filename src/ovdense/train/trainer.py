@@ -178,10 +178,11 @@ class Trainer:
             if cfg.sd
             else None
         )
-        self.objective = DeclipObjective(cfg, self.clip_teacher, self.vfm, self.sd)
+        grid = cfg.image_size // tower.patch_size
+        caches = self._teacher_caches(grid) if cfg.teacher_cache else None
+        self.objective = DeclipObjective(cfg, self.clip_teacher, self.vfm, self.sd, caches, source.name)
         pos_rule = get_preset("declip").pos_rule
         self.student = StudentForward(model, tower, DeclipHead(cfg.mode), pos_rule)
-        grid = cfg.image_size // tower.patch_size
         pre = tower.preprocess
         self.dataset = DistillDataset(
             source,
@@ -218,6 +219,20 @@ class Trainer:
         self.skipped = 0
         if cfg.resume:
             self._resume(Path(cfg.resume))
+
+    def _teacher_caches(self, grid: int) -> dict:
+        """One cache per teacher, namespaced by its weights, input size and settings."""
+        from .cache import TeacherCache, module_digest
+
+        cfg = self.cfg
+        vfm_key = module_digest(self.vfm.model, f"vfm|{self.vfm.proxy_size(grid)}")[:20]
+        caches = {"vfm": TeacherCache(cfg.teacher_cache, f"vfm-{vfm_key}")}
+        if self.sd is not None:
+            settings = (cfg.sd_model, cfg.sd_size, cfg.sd_timestep, cfg.sd_layers, cfg.seed, self.vfm.proxy_size(grid))
+            extra = "sd|" + "|".join(map(str, settings))
+            sd_key = module_digest(torch.nn.ModuleList([self.sd.unet, self.sd.vae]), extra)[:20]
+            caches["sd"] = TeacherCache(cfg.teacher_cache, f"sd-{sd_key}")
+        return caches
 
     def _amp_dtype(self) -> torch.dtype | None:
         p = self.cfg.precision
