@@ -106,7 +106,8 @@ def run(label, cfg, student_model, tower, vfm, sd, images, device, steps, batch,
     )  # fmt: skip
     objective = DeclipObjective(cfg, clip_teacher, vfm, sd, caches, dataset.source.name)
     student = StudentForward(model, tower, DeclipHead(cfg.mode), "size").train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    betas, eps = cfg.adam_betas_eps()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
     amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=2, drop_last=True)

@@ -43,15 +43,18 @@ def dinov2_file(tmp_path_factory):
     return path, model.eval()
 
 
-def _dinov2_reference(model, x: torch.Tensor) -> torch.Tensor:
+def _dinov2_reference(model, x: torch.Tensor, registers: bool = True) -> torch.Tensor:
     """DINOv2's get_intermediate_layers(x, reshape=True)[0], written out: patch embedding, position table
-    resized with scale_factor (n + 0.1) / M (bicubic, no antialias), cls + registers, blocks, norm."""
+    resized (with registers, as hub dinov2_*_reg: exact size, antialiased; without: scale_factor (n + 0.1) / M,
+    no antialias), cls + registers, blocks, norm."""
     b = x.shape[0]
     h, w = x.shape[-2] // 14, x.shape[-1] // 14
     tokens = model.patch_embed.proj(x).flatten(2).transpose(1, 2)  # B x hw x C
     c = tokens.shape[-1]
     table = model.pos_embed.reshape(1, 4, 4, c).permute(0, 3, 1, 2)  # tiny arch: native 56 px, 4 x 4
-    if (h, w) != (4, 4):
+    if (h, w) != (4, 4) and registers:
+        table = F.interpolate(table, size=(h, w), mode="bicubic", antialias=True)
+    elif (h, w) != (4, 4):
         table = F.interpolate(table, scale_factor=((h + 0.1) / 4, (w + 0.1) / 4), mode="bicubic", antialias=False)
     tokens = tokens + table.flatten(2).transpose(1, 2)
     seq = torch.cat([model.cls_token.expand(b, -1, -1), model.reg_token.expand(b, -1, -1), tokens], dim=1)
@@ -82,6 +85,31 @@ def test_vfm_features_match_dinov2_and_timm(dinov2_file):
     timm_vfm = load_vfm("test-dinov2", checkpoint=path, pos_interp="timm")
     torch.testing.assert_close(timm_vfm.features(proxy), expected_timm, rtol=1e-4, atol=1e-4)
     assert vfm.features(torch.randn(1, 3, 490, 490)).shape == (1, 32, 35, 35)
+
+
+def test_vfm_without_registers_uses_the_dino_offset_rule():
+    """DINO / DINOv2 without registers resize the table with scale_factor (n + 0.1) / M and no antialias."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ovdense.train.teachers import VfmTeacher
+
+    torch.manual_seed(2)
+    model = VisionTransformer(
+        img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
+    ).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    x = torch.randn(1, 3, 70, 70)
+    with torch.no_grad():
+        tokens = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        table = model.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+        table = F.interpolate(table, scale_factor=(5.1 / 4, 5.1 / 4), mode="bicubic", antialias=False)
+        seq = torch.cat([model.cls_token + model.pos_embed[:, :1], tokens + table.flatten(2).transpose(1, 2)], 1)
+        expected = model.norm(model.blocks(seq))[:, 1:].transpose(1, 2).reshape(1, 32, 5, 5)
+        timm_tokens = model.forward_features(x)[:, 1:].transpose(1, 2).reshape(1, 32, 5, 5)
+    feats = VfmTeacher(model, name="tiny-dino").features(x)
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(feats, timm_tokens, atol=1e-3)  # the rule matters
 
 
 def test_vfm_reads_dinov2_release_layout(dinov2_file, tmp_path):

@@ -397,3 +397,21 @@ def test_teacher_cache_runs_the_teachers_once(images, tmp_path, monkeypatch):
     # another teacher (different proxy size) never reads these files
     third = Trainer.from_config(config(images, tmp_path / "c", **{**kw, "image_size": 80}))
     assert third.objective.caches["vfm"].dir != caches["vfm"].dir
+
+
+def test_config_defaults_follow_the_released_scripts(tmp_path):
+    cfg = TrainConfig()
+    assert (cfg.model, cfg.mode, cfg.vfm, cfg.image_size, cfg.lr, cfg.weight_decay) == (
+        "EVA02-B-16", "qq", "dinov2-b-reg", 560, 1e-5, 0.1
+    )  # fmt: skip
+    assert (cfg.warmup_steps, cfg.epochs, cfg.alpha, cfg.content_weight, cfg.context_weight) == (1000, 6, 0.7, 1.0, 0.1)
+    # DeCLIP params.py: beta2 0.98 / eps 1e-6 only for model names containing "vit"
+    assert cfg.adam_betas_eps() == ((0.9, 0.999), 1e-8)
+    assert TrainConfig(model="ViT-B-16").adam_betas_eps() == ((0.9, 0.98), 1e-6)
+    assert TrainConfig(model="ViT-B-16", betas=(0.9, 0.95), eps=1e-7).adam_betas_eps() == ((0.9, 0.95), 1e-7)
+    ext = cfg.with_recipe("extended", explicit={"rcc_weight"})
+    assert ext.context_loss == "kl" and ext.sd and ext.rcc_weight == 0.0
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="recipe"):
+        cfg.with_recipe("fancy")

@@ -303,7 +303,9 @@ def _train_parser(sub) -> None:
         "model": "student architecture (open_clip name; default EVA02-B-16)",
         "pretrained": "open_clip pretrained tag of the student",
         "checkpoint": "student weights file (EVA-CLIP layout, open_clip, safetensors)",
-        "mode": "DeCLIP attention: csa (q-q + k-k) or qq",
+        "mode": "DeCLIP attention: qq (the released scripts) or csa (q-q + k-k)",
+        "betas": "AdamW betas (default: DeCLIP's rule, 0.9 0.98 for model names with 'vit', else 0.9 0.999)",
+        "eps": "AdamW eps (default: 1e-6 for model names with 'vit', else 1e-8)",
         "unlocked_blocks": "train only the last N transformer blocks (default all)",
         "image_size": "student input side (longest side resized, padded right/bottom)",
         "vfm": "VFM teacher: dinov2-{s,b,l}[-reg], dino-b8, dino-b16 or timm:<name>",
@@ -343,6 +345,8 @@ def _train_parser(sub) -> None:
             kind = {int: int, float: float}.get(type(base), str)
             if f.name in ("unlocked_blocks", "max_steps", "val_limit"):
                 kind = int
+            elif f.name == "eps":
+                kind = float
             p.add_argument(flag, type=kind, required=f.name in ("data", "out"), **kw)
     p.set_defaults(func=cmd_train)
 

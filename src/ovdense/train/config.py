@@ -22,8 +22,10 @@ RECIPES: dict[str, dict] = {
 class TrainConfig:
     """Everything a training run needs; ``ovdense train`` flags map one to one onto these fields.
 
-    Defaults reproduce DeCLIP's released EVA02-B/16 recipe (``scripts/dist_DeCLIP_eva_vitb16_coco.sh``),
-    except the batch size, which is per process here (the reference: 4 GPUs x 4 = 16).
+    Defaults reproduce DeCLIP's released EVA02-B/16 recipe (``scripts/dist_DeCLIP_eva_vitb16_coco.sh``:
+    ``--mode qq_vfm_distill``, DINOv2-B/14 with registers), except the batch size, which is per process here
+    (the reference: 4 GPUs x 4 = 16). ``betas``/``eps`` left unset follow the reference's ``params.py``:
+    (0.9, 0.98) and 1e-6 for model names containing "vit", else (0.9, 0.999) and 1e-8.
     """
 
     objective: str = "declip"
@@ -33,7 +35,7 @@ class TrainConfig:
     model: str = "EVA02-B-16"
     pretrained: str | None = None
     checkpoint: str | None = None
-    mode: str = "csa"
+    mode: str = "qq"
     unlocked_blocks: int | None = None
     # data
     image_size: int = 560
@@ -65,8 +67,8 @@ class TrainConfig:
     accum_steps: int = 1
     lr: float = 1e-5
     weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     warmup_steps: int = 1000
     precision: str = "auto"
     alpha: float = 0.7
@@ -82,6 +84,13 @@ class TrainConfig:
     resume: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def adam_betas_eps(self) -> tuple[tuple[float, float], float]:
+        """AdamW betas and eps: the given ones, else DeCLIP's ``get_default_params`` rule on the model name."""
+        vit = "vit" in self.model.lower()
+        betas = tuple(self.betas) if self.betas is not None else ((0.9, 0.98) if vit else (0.9, 0.999))
+        eps = self.eps if self.eps is not None else (1e-6 if vit else 1e-8)
+        return betas, eps
+
     def with_recipe(self, recipe: str, explicit: set[str] | None = None) -> TrainConfig:
         """This config with ``recipe``'s loss settings, keeping any field named in ``explicit``."""
         if recipe not in RECIPES:
@@ -92,7 +101,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"] = list(self.betas) if self.betas is not None else None
         return d
 
     @classmethod
@@ -102,7 +111,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         d = dict(d)
-        if "betas" in d:
+        if d.get("betas") is not None:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 

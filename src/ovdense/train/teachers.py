@@ -104,9 +104,11 @@ class VfmTeacher:
         name: the VFM name it was loaded under.
         source: where the weights came from.
         pos_interp: how the position table is resized to a proxy grid other than the pretraining one.
-            ``reference`` (default): as DINO's and DINOv2's own ``interpolate_pos_encoding`` (bicubic,
-            ``scale_factor = (n + 0.1) / M``, no antialias), which is what DeCLIP ran through torch hub.
-            ``timm``: timm's ``forward_features`` (bicubic to the exact size, antialiased). Only
+            ``reference`` (default): as the torch hub models DeCLIP ran, DINO's and DINOv2's own
+            ``interpolate_pos_encoding``: without registers (DINO, DINOv2) bicubic with ``scale_factor =
+            (n + 0.1) / M``, no antialias; with registers (``dinov2_vit*14_reg``, built with
+            ``interpolate_offset=0, interpolate_antialias=True``) bicubic to the exact size, antialiased —
+            the same as timm. ``timm``: timm's ``forward_features`` (exact size, antialiased). Only
             ``VisionTransformer`` models use ``reference``; other timm models always run ``timm``.
         is_test_model: a random test architecture.
 
@@ -164,9 +166,14 @@ class VfmTeacher:
         pos = m.pos_embed
         prefix_pos, patch_pos = pos[:, :n_pre_pos], pos[:, n_pre_pos:]
         gh, gw = m.patch_embed.grid_size
-        if (h, w) != (gh, gw):
-            # DINO(v2): scale_factor (n + 0.1) / M rather than size=n: the sampling positions differ slightly
-            # from an exact-size resize, and the weights were evaluated (and DeCLIP trained) with these.
+        if (h, w) != (gh, gw) and m.reg_token is not None:
+            # DINOv2 with registers (hub: interpolate_offset=0, interpolate_antialias=True): exact size.
+            table = patch_pos.float().reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+            table = F.interpolate(table, size=(h, w), mode="bicubic", antialias=True)
+            patch_pos = table.permute(0, 2, 3, 1).reshape(1, h * w, c).to(pos.dtype)
+        elif (h, w) != (gh, gw):
+            # DINO, DINOv2 without registers: scale_factor (n + 0.1) / M rather than size=n: the sampling positions
+            # differ slightly from an exact-size resize, and the weights were evaluated with these.
             table = patch_pos.float().reshape(1, gh, gw, c).permute(0, 3, 1, 2)
             table = F.interpolate(table, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
             if tuple(table.shape[-2:]) != (h, w):  # floor(M * (n + 0.1) / M) is n unless float error

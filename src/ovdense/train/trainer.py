@@ -204,9 +204,8 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise OvdenseError("fewer batches per epoch than --accum-steps")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-        )
+        betas, eps = cfg.adam_betas_eps()
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
         amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.ddp = None
