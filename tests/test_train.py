@@ -387,8 +387,8 @@ def test_teacher_cache_runs_the_teachers_once(images, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("teacher ran despite the cache")
 
-    monkeypatch.setattr(second.vfm, "features", fail)
-    monkeypatch.setattr(second.sd, "attention_chain", fail)
+    monkeypatch.setattr(second.objective.vfm, "features", fail)
+    monkeypatch.setattr(second.objective.sd, "attention_chain", fail)
     second.fit()
     assert second.objective.caches["vfm"].hits == 8
     la = [r["loss"] for r in csv_rows(tmp_path / "a" / "log.csv")]

@@ -293,9 +293,6 @@ def cmd_eval_regions(args) -> int:
 
 
 def _train_parser(sub) -> None:
-    import dataclasses
-
-    from .train.config import TrainConfig
 
     helps = {
         "data": "folder of images (recursive) or webdataset .tar shards (a folder, a file or a glob)",
@@ -328,11 +325,47 @@ def _train_parser(sub) -> None:
         "resume": "run folder (or its state/) to continue from",
         "device": "cpu, cuda, cuda:1 ... (default: cuda if available)",
     }
-    tr = sub.add_parser("train", help="distillation training (DeCLIP; one trainer, pluggable objectives)")
+    helps.update(
+        {
+            "scd_weight": "weight of the SCD loss (lambda)",
+            "no_scd": "SCD: train plain region-language alignment (RLA), no correlation loss",
+            "refiner": "SCD: a Refiner checkpoint (ovdense train refiner) whose tokens give the SCD target",
+            "no_refiner": "SCD: ignore --refiner (target = the frozen CLIP's tokens)",
+            "refiner_depth": "Refiner stage: transformer blocks of the Refiner",
+            "refiner_tokens": "Refiner stage: N of the N x N tokens matched per crop",
+        }
+    )
+    tr = sub.add_parser("train", help="distillation training: declip, scd, refiner (one trainer)")
     objectives = tr.add_subparsers(dest="objective", required=True)
-    p = objectives.add_parser("declip", help="DeCLIP: content (CLIP crops) + context (VFM affinities)")
+    kinds = {
+        "declip": "DeCLIP: content (CLIP crops) + context (VFM affinities)",
+        "scd": "SCD: region-language alignment + spatial correlation distillation (optionally via a Refiner)",
+        "refiner": "the Refiner for SCD, self-supervised on the frozen CLIP (its own stage)",
+    }
+    for kind, text in kinds.items():
+        _train_flags(objectives.add_parser(kind, help=text), helps, kind)
+
+
+#: Config fields that only one objective reads; the others do not offer them as flags.
+_OBJECTIVE_FIELDS = {
+    "declip": {
+        "mode", "vfm", "vfm_checkpoint", "sd", "sd_model", "sd_size", "sd_timestep", "sd_layers", "teacher_cache",
+        "recipe", "context_loss", "context_tau", "content_loss", "roi_tokens", "rcc_weight", "rcc_tau",
+        "content_weight", "context_weight",
+    },
+    "scd": {"scd_weight", "scd_tau", "no_scd", "refiner", "no_refiner"},
+    "refiner": {"refiner_depth", "refiner_tokens", "refiner_tau"},
+}  # fmt: skip
+
+
+def _train_flags(p, helps: dict, objective: str) -> None:
+    import dataclasses
+
+    from .train.config import TrainConfig
+
+    others = set().union(*(v for k, v in _OBJECTIVE_FIELDS.items() if k != objective))
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("objective", "extra"):
+        if f.name in ("objective", "extra") or f.name in others:
             continue
         flag = "--" + f.name.replace("_", "-")
         kw = {"dest": f.name, "default": None, "help": helps.get(f.name)}
@@ -362,6 +395,8 @@ def cmd_train(args) -> int:
     given = {n: v for n in names if (v := getattr(args, n, None)) is not None and v is not False}
     given["objective"] = args.objective
     recipe = given.pop("recipe", "released")
+    if args.objective != "declip":
+        recipe = "released"  # the recipes are DeCLIP's loss settings
     if recipe not in RECIPES:
         raise OvdenseError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     try:
@@ -375,7 +410,8 @@ def cmd_train(args) -> int:
     if trainer.dist.is_main:
         if trainer.loaded.is_test_model:
             _warn_test_model(cfg.model)
-        if getattr(trainer.vfm, "is_test_model", False):
+        vfm = getattr(trainer.objective, "vfm", None)
+        if getattr(vfm, "is_test_model", False):
             _warn_test_model(f"the VFM teacher {cfg.vfm}")
     last = trainer.fit()
     if last is not None and trainer.dist.is_main:

@@ -61,6 +61,16 @@ class TrainConfig:
     rcc_tau: float = 0.2
     content_weight: float = 1.0
     context_weight: float = 0.1
+    # SCD (ours where the paper gives no value: DESIGN "SCD")
+    scd_weight: float = 1.0
+    scd_tau: float = 0.2
+    no_scd: bool = False
+    refiner: str | None = None
+    no_refiner: bool = False
+    # the Refiner's own stage (ours)
+    refiner_depth: int = 2
+    refiner_tokens: int = 4
+    refiner_tau: float = 0.2
     # optimisation
     epochs: int = 6
     batch_size: int = 4

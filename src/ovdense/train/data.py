@@ -410,6 +410,7 @@ class DistillDataset(torch.utils.data.Dataset):
     - ``boxes``: max_boxes x 4 float32 XYXY cells on the padded student input, in [0, 1] of S (zeros past K).
     - ``box_valid``: (max_boxes,) bool, the first K = min(m·n, max_boxes) True.
     - ``crops``: max_boxes x 3 x c x c float32 teacher crops (zeros where invalid).
+    - ``pixel_boxes``: max_boxes x 4 float32 the crops' boxes in original-image pixels (zeros past K).
     - ``grid``: (2,) int64 ``(m, n)``, the grid drawn.
     - ``proxy_<name>``: 3 x P x P float32 per configured proxy; ``sd``: 3 x H x H in [-1, 1] when configured.
     - ``index``: the source index of the image used; ``skipped``: unreadable images passed over to reach it.
@@ -504,7 +505,10 @@ class DistillDataset(torch.utils.data.Dataset):
         c = self.crop_size
         crops = torch.zeros(self.max_boxes, 3, c, c)
         crops[:k] = crop_inputs(image, pixel.numpy(), (c, c), self.clip_mean, self.clip_std)
+        pixel_boxes = torch.zeros(self.max_boxes, 4)
+        pixel_boxes[:k] = pixel
         out = {"image": x[0], "boxes": boxes, "box_valid": valid, "crops": crops, "grid": torch.tensor([m, n])}
+        out["pixel_boxes"] = pixel_boxes
         for name, (p, mean, std) in self.proxies.items():
             out[f"proxy_{name}"] = detection_input(image, p, mean, std)[0][0]
         if self.sd_size is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "scd_loss",
     "sd_guided_affinity",
     "student_context_affinity",
+    "token_infonce_loss",
     "weighted_total",
 ]
 
@@ -450,3 +451,35 @@ def weighted_total(terms: Mapping[str, Tensor], weights: Mapping[str, float]) ->
     for name, term in rest:
         total = total + term * float(weights[name])
     return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Refiner (SCD's R-SCD)
+# --------------------------------------------------------------------------------------------------
+
+
+def token_infonce_loss(student: Tensor, target: Tensor, tau: float = 0.2) -> Tensor:
+    """InfoNCE over region tokens, the Refiner's self-supervised loss (ours, per DESIGN "SCD").
+
+    Both sides are flattened to M = K·T tokens and L2-normalised; ``logits = s @ t^T / tau`` (M x M) and the
+    loss is the cross-entropy with the diagonal as positives: each student token must pick the target token of
+    its own region and cell among all target tokens of the batch (the other cells of its region included, so
+    the tokens inside a region must stay distinct). Mean over the M tokens.
+
+    Args:
+        student: K x T x D student tokens (the Refiner's RoI tokens).
+        target: K x T x D target tokens (the frozen CLIP's zoomed-in crop tokens); detached here.
+        tau: softmax temperature (DESIGN: 0.2).
+
+    Returns:
+        0-dim fp32 loss, >= 0.
+    """
+    _check_dims("student", student, 3, "K x T x D")
+    _check_same_shape("student", student, "target", target)
+    if student.shape[0] * student.shape[1] == 0:
+        raise ValueError("student: no tokens; the mean over zero tokens is undefined")
+    s = F.normalize(student.float().flatten(0, 1), dim=-1)
+    t = F.normalize(target.detach().float().flatten(0, 1), dim=-1)
+    logits = s @ t.T / tau
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels)

@@ -14,7 +14,15 @@ from . import losses as L
 from .config import TrainConfig
 from .student import StudentOutput
 
-__all__ = ["DeclipObjective", "boxes_in_grid_units", "regions_share"]
+__all__ = [
+    "OBJECTIVES",
+    "DeclipObjective",
+    "RefinerObjective",
+    "ScdObjective",
+    "boxes_in_grid_units",
+    "build_objective",
+    "regions_share",
+]
 
 
 def boxes_in_grid_units(boxes: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
@@ -60,6 +68,32 @@ class DeclipObjective:
     """
 
     name = "declip"
+    #: What a checkpoint holds: the (ensembled) CLIP.
+    exports = "clip"
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int) -> DeclipObjective:
+        """Load the teachers, freeze the student and build its forward (the trainer's setup)."""
+        from ..heads.declip import DeclipHead
+        from ..presets import get_preset
+        from .student import StudentForward, freeze_for_distillation
+        from .teachers import load_sd, load_vfm
+
+        vfm = load_vfm(cfg.vfm, checkpoint=cfg.vfm_checkpoint, device=device)
+        sd = None
+        if cfg.sd:
+            sd = load_sd(cfg.sd_model, device=device, timestep=cfg.sd_timestep, layers=cfg.sd_layers, seed=cfg.seed)
+        caches = _teacher_caches(cfg, vfm, sd, grid) if cfg.teacher_cache else None
+        self = cls(cfg, clip_teacher, vfm, sd, caches, source.name)
+        self.trainable = freeze_for_distillation(loaded.model, loaded.tower, cfg.mode, cfg.unlocked_blocks)
+        self.trained = loaded.model
+        self.student = StudentForward(loaded.model, loaded.tower, DeclipHead(cfg.mode), get_preset("declip").pos_rule)
+        return self
+
+    def validation_preset(self):
+        from ..presets import get_preset
+
+        return get_preset("declip", head_kwargs={"mode": self.cfg.mode})
 
     def __init__(self, cfg: TrainConfig, clip_teacher, vfm, sd=None, caches: dict | None = None, name_of=None):
         if cfg.context_loss not in ("l2", "kl"):
@@ -149,3 +183,183 @@ class DeclipObjective:
     @property
     def head_mode(self) -> str:
         return self.cfg.mode
+
+
+def _teacher_caches(cfg: TrainConfig, vfm, sd, grid: int) -> dict:
+    """One on-disk cache per teacher, namespaced by its weights, input size and settings."""
+    from .cache import TeacherCache, module_digest
+
+    vfm_key = module_digest(vfm.model, f"vfm|{vfm.proxy_size(grid)}")[:20]
+    caches = {"vfm": TeacherCache(cfg.teacher_cache, f"vfm-{vfm_key}")}
+    if sd is not None:
+        settings = (cfg.sd_model, cfg.sd_size, cfg.sd_timestep, cfg.sd_layers, cfg.seed, vfm.proxy_size(grid))
+        extra = "sd|" + "|".join(map(str, settings))
+        sd_key = module_digest(torch.nn.ModuleList([sd.unet, sd.vae]), extra)[:20]
+        caches["sd"] = TeacherCache(cfg.teacher_cache, f"sd-{sd_key}")
+    return caches
+
+
+class ScdObjective:
+    """SCD: region-language alignment (CLIPSelf) that keeps CLIP's spatial correlations (DESIGN "SCD").
+
+    - RLA: the student's value-path (``maskclip``) dense map, 1x1 RoIAlign on each grid cell, aligned to the
+      frozen teacher's crop [CLS] by 1 − cos (the same grid crops as DeCLIP's content loss).
+    - SCD (ours, per DESIGN): :func:`~ovdense.train.losses.scd_loss` between the student's L2-normalised dense
+      tokens and a target: the frozen CLIP's value-path tokens (SC-RLA) or, with ``--refiner``, the Refiner's
+      tokens on the frozen CLIP (R-SC-RLA). ``--no-scd`` trains plain RLA; ``--no-refiner`` ignores
+      ``--refiner``.
+    - Freezing as DeCLIP's, except that the last block's FFN trains: the value-path head uses it (ours).
+
+    Args:
+        cfg: the run's configuration.
+        clip_teacher: the frozen initial CLIP (crop teacher; its tower gives the SCD target).
+        refiner: a trained :class:`~ovdense.train.refiner.Refiner`, or None.
+    """
+
+    name = "scd"
+    exports = "clip"
+    pos_rule = "size"
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int) -> ScdObjective:
+        from ..heads import create_head
+        from .student import StudentForward, freeze_for_distillation
+
+        refiner = None
+        if cfg.refiner and not cfg.no_refiner and not cfg.no_scd:
+            from .refiner import load_refiner
+
+            refiner = load_refiner(cfg.refiner, tower=loaded.tower, model_name=cfg.model, device=device)
+        self = cls(cfg, clip_teacher, refiner)
+        self.trainable = freeze_for_distillation(
+            loaded.model, loaded.tower, "csa", cfg.unlocked_blocks, freeze_ffn=False
+        )
+        self.trained = loaded.model
+        self.student = StudentForward(loaded.model, loaded.tower, create_head("maskclip"), self.pos_rule)
+        return self
+
+    def __init__(self, cfg: TrainConfig, clip_teacher, refiner=None):
+        from ..backbones import tower_for
+        from ..heads import create_head
+
+        self.cfg = cfg
+        self.clip_teacher = clip_teacher
+        self.refiner = refiner
+        self.teacher_tower = tower_for(clip_teacher.model)
+        self.target_head = create_head("maskclip")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        w = {"rla": 1.0}
+        if not self.cfg.no_scd:
+            w["scd"] = self.cfg.scd_weight
+        return w
+
+    def data_inputs(self, grid: int) -> dict:
+        return {}
+
+    def validation_preset(self):
+        from ..presets import get_preset
+
+        return get_preset("maskclip")
+
+    def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """B x N x D L2-normalised SCD target: the frozen CLIP's value-path tokens, or the Refiner's."""
+        with torch.no_grad():
+            if self.refiner is not None:
+                from .refiner import refined_dense_map
+
+                dense = refined_dense_map(self.refiner, self.teacher_tower, images, self.pos_rule, normalize=True)
+            else:
+                dense = self.target_head.encode_dense(self.teacher_tower, images, self.pos_rule, normalize=True)
+        return dense.flatten(2).transpose(1, 2).float()
+
+    def __call__(self, batch: dict, out: StudentOutput) -> dict[str, torch.Tensor]:
+        """``{"rla": ..., "scd": ...}`` for a batch (see :class:`DeclipObjective` for the batch keys)."""
+        valid = batch["box_valid"]
+        rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
+        share = regions_share(int(valid.sum()), out.content.device)
+        with torch.no_grad():
+            teacher_cls = self.clip_teacher.crop_embeddings(batch["crops"][valid])
+        content = out.content.float()
+        student_roi = roi_align(content, rois, (1, 1), 1.0, -1, True)[:, :, 0, 0]
+        terms = {"rla": L.content_loss_roi(student_roi, teacher_cls) * share}
+        if not self.cfg.no_scd:
+            tokens = content.flatten(2).transpose(1, 2)
+            terms["scd"] = L.scd_loss(tokens, self.target_tokens(batch["image"]), tau=self.cfg.scd_tau)
+        return terms
+
+
+class RefinerObjective:
+    """The Refiner's own stage (ours, DESIGN "SCD"): the frozen CLIP stays as it is; a light transformer on its
+    value-path tokens learns to make the full image's tokens match the frozen CLIP's tokens of zoomed-in crops
+    at the same places (:func:`~ovdense.train.refiner.zoomed_targets`, InfoNCE over tokens)."""
+
+    name = "refiner"
+    exports = "refiner"
+    pos_rule = "size"
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int) -> RefinerObjective:
+        from .refiner import Refiner
+
+        loaded.model.requires_grad_(False)
+        refiner = Refiner(loaded.tower.width, loaded.tower.num_heads, depth=cfg.refiner_depth).to(device)
+        self = cls(cfg, loaded.tower)
+        self.trained = refiner
+        self.trainable = [n for n, p in refiner.named_parameters() if p.requires_grad]
+        self.student = _RefinerForward(refiner, loaded.tower, self.pos_rule)
+        return self
+
+    def __init__(self, cfg: TrainConfig, tower):
+        self.cfg = cfg
+        self.tower = tower
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"refiner": 1.0}
+
+    def data_inputs(self, grid: int) -> dict:
+        return {}
+
+    def validation_preset(self):  # pragma: no cover - the refiner stage has no CLIP to validate
+        raise NotImplementedError
+
+    def __call__(self, batch: dict, out: StudentOutput) -> dict[str, torch.Tensor]:
+        from .refiner import resized_crop_hw, zoomed_targets
+
+        cfg = self.cfg
+        n = cfg.refiner_tokens
+        valid = batch["box_valid"]
+        rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
+        share = regions_share(int(valid.sum()), out.content.device)
+        refined = roi_align(out.content.float(), rois, (n, n), 1.0, -1, True).flatten(2).transpose(1, 2)
+        crop_size = self.tower.preprocess.image_size[0]
+        crop_hw = resized_crop_hw(batch["pixel_boxes"][valid].cpu(), crop_size).to(out.content.device)
+        with torch.no_grad():
+            targets = zoomed_targets(self.tower, batch["crops"][valid], crop_hw, n, self.pos_rule)
+        return {"refiner": L.token_infonce_loss(refined, targets, tau=cfg.refiner_tau) * share}
+
+
+class _RefinerForward(torch.nn.Module):
+    """The Refiner's pass for DDP: frozen tokens -> Refiner -> projection, as a normalised dense map."""
+
+    def __init__(self, refiner, tower, pos_rule: str):
+        super().__init__()
+        self.refiner = refiner
+        object.__setattr__(self, "tower", tower)  # frozen and not trained: not a submodule
+        self.pos_rule = pos_rule
+
+    def forward(self, images: torch.Tensor) -> StudentOutput:
+        from .refiner import refined_dense_map
+
+        dense = refined_dense_map(self.refiner, self.tower, images, self.pos_rule, normalize=True)
+        return StudentOutput(content=dense, q=None, k=None, grid=tuple(dense.shape[-2:]))
+
+
+OBJECTIVES = {"declip": DeclipObjective, "scd": ScdObjective, "refiner": RefinerObjective}
+
+
+def build_objective(cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int):
+    """The objective ``cfg.objective`` with its teachers loaded, the model frozen and its student forward."""
+    return OBJECTIVES[cfg.objective].create(cfg, loaded, clip_teacher, device, source, grid)

@@ -31,7 +31,11 @@ def _params_of(items) -> list[torch.nn.Parameter]:
 
 
 def freeze_for_distillation(
-    model: torch.nn.Module, tower: DenseTower, mode: str = "csa", unlocked_blocks: int | None = None
+    model: torch.nn.Module,
+    tower: DenseTower,
+    mode: str = "csa",
+    unlocked_blocks: int | None = None,
+    freeze_ffn: bool = True,
 ) -> list[str]:
     """Set ``requires_grad`` on ``model`` for distillation and return the trainable parameter names.
 
@@ -40,6 +44,8 @@ def freeze_for_distillation(
         tower: its image tower.
         mode: DeCLIP attention mode (``csa`` or ``qq``; ``qq`` also freezes the last key projection).
         unlocked_blocks: how many of the last transformer blocks train (None: all).
+        freeze_ffn: freeze the last block's FFN branch (DeCLIP: its head does not use it; SCD's value-path
+            head does, so SCD keeps it trainable — ours).
 
     Returns:
         the names (as in ``model.named_parameters()``) of the parameters left trainable, in order.
@@ -51,7 +57,7 @@ def freeze_for_distillation(
     model.requires_grad_(False)
     for blk in blocks[len(blocks) - n :]:
         blk.requires_grad_(True)
-    frozen_again = _params_of(tower.ffn_modules())
+    frozen_again = _params_of(tower.ffn_modules()) if freeze_ffn else []
     if mode == "qq":
         frozen_again += tower.key_parameters()
     for p in frozen_again:
@@ -71,13 +77,14 @@ class StudentOutput:
     Attributes:
         content: B x D x h x w content map (DeCLIP head, final norm, projection; tokens L2-normalised where
             the tower's ``region_tokens_normalized`` says the reference does).
-        q, k: B x N x C context features of the last block (N = h * w patch tokens; heads concatenated).
+        q, k: B x N x C context features of the last block (N = h * w patch tokens; heads concatenated);
+            None for heads other than DeCLIP's.
         grid: (h, w).
     """
 
     content: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
+    q: torch.Tensor | None
+    k: torch.Tensor | None
     grid: tuple[int, int]
 
 
@@ -87,11 +94,11 @@ class StudentForward(torch.nn.Module):
     Args:
         model: the open_clip model being trained (registered as a submodule).
         tower: its dense tower.
-        head: the DeCLIP head giving the decoupled content and context features.
+        head: the dense head of the student's content map (DeCLIP's also gives the context features).
         pos_rule: positional-embedding resize rule for the training input size.
     """
 
-    def __init__(self, model: torch.nn.Module, tower: DenseTower, head: DeclipHead, pos_rule: str = "size"):
+    def __init__(self, model: torch.nn.Module, tower: DenseTower, head, pos_rule: str = "size"):
         super().__init__()
         self.model = model
         self.tower = tower  # a view over ``model``'s modules; not registered twice
@@ -102,14 +109,18 @@ class StudentForward(torch.nn.Module):
         """images: B x 3 x S x S normalised -> :class:`StudentOutput`."""
         tower = self.tower
         x, ctx = tower.tokens_before_last_block(images, self.pos_rule)
-        content, q, k = self.head.decoupled(tower, x)
+        if isinstance(self.head, DeclipHead):
+            content, q, k = self.head.decoupled(tower, x)
+        else:
+            content, q, k = self.head.last_block(tower, x, ctx), None, None
         p = tower.num_prefix_tokens
         y = tower.project(content)[:, p:]
         if tower.region_tokens_normalized:  # DeCLIP's open_clip ViT path pools normalised tokens
             y = torch.nn.functional.normalize(y, dim=-1)
         h, w = ctx["grid"]
         dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
-        return StudentOutput(content=dense, q=q[:, p:], k=k[:, p:], grid=(h, w))
+        q, k = (None, None) if q is None else (q[:, p:], k[:, p:])
+        return StudentOutput(content=dense, q=q, k=k, grid=(h, w))
 
     def __setattr__(self, name, value):
         # The tower is a view over ``model``'s modules: kept as a plain attribute so that no parameter is

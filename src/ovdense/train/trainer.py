@@ -140,17 +140,14 @@ class Trainer:
 
     def _setup(self) -> None:
         from ..eval.runner import init_distributed_from_env
-        from ..heads.declip import DeclipHead
-        from ..presets import get_preset
         from ..weights import load_model
         from .data import DistillDataset, open_source
-        from .objectives import DeclipObjective
-        from .student import StudentForward, freeze_for_distillation
-        from .teachers import ClipTeacher, load_sd, load_vfm
+        from .objectives import OBJECTIVES, build_objective
+        from .teachers import ClipTeacher
 
         cfg = self.cfg
-        if cfg.objective != "declip":
-            raise OvdenseError(f"unknown objective {cfg.objective!r}; available: declip")
+        if cfg.objective not in OBJECTIVES:
+            raise OvdenseError(f"unknown objective {cfg.objective!r}; available: {', '.join(OBJECTIVES)}")
         if cfg.mode not in ("csa", "qq"):
             raise OvdenseError(f"unknown DeCLIP mode {cfg.mode!r}; expected csa or qq")
         if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
@@ -169,20 +166,13 @@ class Trainer:
         self.device = next(self.loaded.model.parameters()).device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise OvdenseError("fp16 AMP needs a GPU; on the CPU use --precision bf16 or fp32")
-        model, tower = self.loaded.model, self.loaded.tower
-        self.clip_teacher = ClipTeacher(model)  # the initial weights: crop teacher and ensembling partner
-        self.trainable = freeze_for_distillation(model, tower, cfg.mode, cfg.unlocked_blocks)
-        self.vfm = load_vfm(cfg.vfm, checkpoint=cfg.vfm_checkpoint, device=self.device)
-        self.sd = (
-            load_sd(cfg.sd_model, device=self.device, timestep=cfg.sd_timestep, layers=cfg.sd_layers, seed=cfg.seed)
-            if cfg.sd
-            else None
-        )
+        tower = self.loaded.tower
+        self.clip_teacher = ClipTeacher(self.loaded.model)  # the initial weights: crop teacher, ensembling partner
         grid = cfg.image_size // tower.patch_size
-        caches = self._teacher_caches(grid) if cfg.teacher_cache else None
-        self.objective = DeclipObjective(cfg, self.clip_teacher, self.vfm, self.sd, caches, source.name)
-        pos_rule = get_preset("declip").pos_rule
-        self.student = StudentForward(model, tower, DeclipHead(cfg.mode), pos_rule)
+        self.objective = build_objective(cfg, self.loaded, self.clip_teacher, self.device, source, grid)
+        self.student = self.objective.student
+        self.trained = self.objective.trained
+        self.trainable = self.objective.trainable
         pre = tower.preprocess
         self.dataset = DistillDataset(
             source,
@@ -205,7 +195,9 @@ class Trainer:
             raise OvdenseError("fewer batches per epoch than --accum-steps")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         betas, eps = cfg.adam_betas_eps()
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.trained, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps
+        )
         amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.ddp = None
@@ -218,20 +210,6 @@ class Trainer:
         self.skipped = 0
         if cfg.resume:
             self._resume(Path(cfg.resume))
-
-    def _teacher_caches(self, grid: int) -> dict:
-        """One cache per teacher, namespaced by its weights, input size and settings."""
-        from .cache import TeacherCache, module_digest
-
-        cfg = self.cfg
-        vfm_key = module_digest(self.vfm.model, f"vfm|{self.vfm.proxy_size(grid)}")[:20]
-        caches = {"vfm": TeacherCache(cfg.teacher_cache, f"vfm-{vfm_key}")}
-        if self.sd is not None:
-            settings = (cfg.sd_model, cfg.sd_size, cfg.sd_timestep, cfg.sd_layers, cfg.seed, self.vfm.proxy_size(grid))
-            extra = "sd|" + "|".join(map(str, settings))
-            sd_key = module_digest(torch.nn.ModuleList([self.sd.unet, self.sd.vae]), extra)[:20]
-            caches["sd"] = TeacherCache(cfg.teacher_cache, f"sd-{sd_key}")
-        return caches
 
     def _amp_dtype(self) -> torch.dtype | None:
         p = self.cfg.precision
@@ -247,7 +225,7 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
     def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        params = dict(self.loaded.model.named_parameters())
+        params = dict(self.trained.named_parameters())
         return {n: params[n] for n in self.trainable}
 
     def save_state(self) -> Path:
@@ -296,7 +274,8 @@ class Trainer:
             tensors = load_file(str(weights_path))
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise OvdenseError(f"cannot resume from {state_dir}: {str(err).splitlines()[0]}") from None
-        if meta.get("model") != self.cfg.model or meta.get("trainable") != self.trainable:
+        same = meta.get("objective", "declip") == self.cfg.objective and meta.get("trainable") == self.trainable
+        if meta.get("model") != self.cfg.model or not same:
             raise OvdenseError(
                 f"cannot resume: {state_dir} is a run of another model or mode (--model {meta.get('model')}, "
                 f"mode {meta.get('mode')}); this run uses --model {self.cfg.model}, mode {self.cfg.mode}"
@@ -322,8 +301,16 @@ class Trainer:
         _set_rng_state(meta["rng"])
 
     def save_checkpoint(self, epoch: int) -> Path:
-        """The ensembled weights of ``epoch`` as an open_clip state dict in safetensors."""
+        """The weights of ``epoch``: the ensembled open_clip state dict, or the Refiner (its own stage)."""
         from safetensors.torch import save_file
+
+        if self.objective.exports == "refiner":
+            from .refiner import save_refiner
+
+            path = self.out / "checkpoints" / f"refiner_epoch_{epoch}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_refiner(path, self.trained, self.cfg.model)
+            return path
 
         student = {k: v.detach().cpu() for k, v in self.loaded.model.state_dict().items()}
         teacher = {k: v.detach().cpu() for k, v in self.clip_teacher.model.state_dict().items()}
@@ -436,7 +423,7 @@ class Trainer:
             if main:
                 last_ckpt = self.save_checkpoint(epoch + 1)
             self._save_state_all()
-            if cfg.val_data:
+            if cfg.val_data and self.objective.exports == "clip":
                 self._validate(last_ckpt, epoch + 1, logger)
             if stop:
                 break
@@ -459,7 +446,6 @@ class Trainer:
         from ..eval.panoptic import CocoPanoptic
         from ..eval.regions import evaluate_regions
         from ..predictor import Segmenter
-        from ..presets import get_preset
 
         if self.dist.world_size > 1:
             import torch.distributed as dist
@@ -475,7 +461,7 @@ class Trainer:
         loaded = copy.copy(self.loaded)
         loaded.model = model
         loaded.tower = tower_for(model)
-        preset = get_preset("declip", head_kwargs={"mode": self.cfg.mode})
+        preset = self.objective.validation_preset()
         seg = Segmenter(loaded, preset, self.device, text_cache_dir=None)
         metrics, _ = evaluate_regions(
             seg,
