@@ -395,9 +395,10 @@ def scd_loss(student_tokens: Tensor, target_tokens: Tensor, tau: float = SCD_TAU
     logits ``L_s = F_s @ sg(F_s)^T``: one side stop-gradient, so each token is moved towards its
     targets' relations with the current (fixed) other tokens rather than dragging both ends. Target
     logits ``L_t = F_t @ F_t^T``. Each row is min-max normalised (:func:`minmax_rows`), then
-    ``P_t = softmax(L_t' / tau)``, ``log P_s = log_softmax(L_s' / tau)`` and the loss is the cross-entropy
-    ``-sum_j P_t log P_s``, averaged over the batch and the rows. Its minimum over the student is the
-    entropy of ``P_t``, reached when the student's correlations equal the target's.
+    ``P_t = softmax(L_t' / tau)``, ``log P_s = log_softmax(L_s' / tau)``. DESIGN's loss is the cross-entropy
+    ``-sum_j P_t log P_s``; this returns ``KL(P_t || P_s)`` = that cross-entropy minus the entropy of
+    ``P_t``, a constant of the target: the gradients are the same, and the value is 0 exactly when the
+    student's correlations equal the target's. Averaged over the batch and the rows.
 
     Args:
         student_tokens: B x N x D student dense tokens.
@@ -418,9 +419,9 @@ def scd_loss(student_tokens: Tensor, target_tokens: Tensor, tau: float = SCD_TAU
     f_t = F.normalize(target_tokens.detach().float(), dim=-1)
     logits_s = minmax_rows(torch.bmm(f_s, f_s.detach().transpose(1, 2)))
     logits_t = minmax_rows(torch.bmm(f_t, f_t.transpose(1, 2)))
-    p_t = F.softmax(logits_t / tau, dim=-1)
+    log_p_t = F.log_softmax(logits_t / tau, dim=-1)
     log_p_s = F.log_softmax(logits_s / tau, dim=-1)
-    return -(p_t * log_p_s).sum(dim=-1).mean()
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
 
 
 # --------------------------------------------------------------------------------------------------

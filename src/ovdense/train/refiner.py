@@ -79,6 +79,9 @@ class Refiner(nn.Module):
         self.num_heads = int(num_heads)
         self.depth = int(depth)
         self.mlp_ratio = float(mlp_ratio)
+        #: Set by :func:`load_refiner` from the checkpoint: the CLIP it was trained on and the saved ``extra``.
+        self.model_name: str | None = None
+        self.extra: dict = {}
         self.blocks = nn.ModuleList(
             Block(self.width, self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=True) for _ in range(self.depth)
         )
@@ -116,7 +119,7 @@ class Refiner(nn.Module):
 
 
 def frozen_dense_tokens(tower: DenseTower, images: Tensor, pos_rule: str = "size") -> tuple[Tensor, tuple[int, int]]:
-    """The frozen tower's tokens that the Refiner refines, without gradient.
+    """The frozen tower's tokens that the Refiner refines, without gradient (ours: CLIPSelf's dense path).
 
     The ``maskclip`` head's last block (MaskCLIP/CLIPSelf value path: ``x + out_proj(v)``, then the FFN with its
     residual) on the tokens entering the tower's last block, prefix tokens ([CLS], registers) dropped; the final
@@ -166,21 +169,20 @@ def refined_dense_map(
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    a, b = (int(v) for v in value)
+    """An int or an (a, b) pair as two positive ints."""
+    a, b = (int(value), int(value)) if isinstance(value, (int, np.integer)) else (int(v) for v in value)
     if a < 1 or b < 1:
         raise ValueError(f"{name}: expected positive sizes, got {(a, b)}")
     return a, b
 
 
 def resized_crop_hw(boxes_px: Tensor | np.ndarray, size: int | Sequence[int]) -> Tensor:
-    """The size of each crop inside the tower's input before its centred padding, as :func:`ovdense.regions.crop_inputs`
-    (``ResizeMaxSize``) makes it.
+    """Each crop's resized (height, width) inside the tower's input, before the centred padding.
 
-    Mirrors ``crop_inputs`` step by step: Pillow's ``crop`` rounds the box corners with Python's ``round`` (ties to
-    even), the crop is ``y1 - y0`` by ``x1 - x0`` pixels, ``s = min(H / h, W / w)`` (= size / max(h, w) for a square
-    input) and the resized crop is ``round(h·s) x round(w·s)``.
+    Mirrors :func:`ovdense.regions.crop_inputs` (``ResizeMaxSize``) step by step, so callers can derive the
+    ``crop_hw`` of :func:`zoomed_targets` from the crops' pixel boxes: Pillow's ``crop`` rounds the box corners
+    with Python's ``round`` (ties to even), the crop is ``y1 - y0`` by ``x1 - x0`` pixels, ``s = min(H / h, W / w)``
+    (= size / max(h, w) for a square input) and the resized crop is ``round(h·s) x round(w·s)``.
 
     Args:
         boxes_px: K x 4 XYXY boxes in original-image pixels (the boxes given to ``crop_inputs``).
@@ -233,10 +235,8 @@ def valid_grid_boxes(crop_hw: Tensor, crop_size: int | Sequence[int], grid: int 
     return px * px.new_tensor([grid_w / size_w, grid_h / size_h, grid_w / size_w, grid_h / size_h])
 
 
-def zoomed_targets(
-    tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, pos_rule: str = "size"
-) -> Tensor:  # fmt: skip
-    """The frozen CLIP's dense tokens of each zoomed-in crop, pooled n x n over the crop's non-padded area.
+def zoomed_targets(tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, pos_rule: str = "size") -> Tensor:
+    """The frozen CLIP's dense tokens of each zoomed-in crop, pooled n x n over its non-padded area (ours).
 
     Dense map of the ``maskclip`` head (CLIPSelf's dense head), projected and L2-normalised per token, as the
     Refiner's map is; ``roi_align(map, valid box, (n, n), 1.0, -1, aligned=True)`` over the area the crop's
