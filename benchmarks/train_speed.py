@@ -1,11 +1,13 @@
-"""DeCLIP training step throughput and peak memory, released recipe vs SD teacher vs the teacher cache.
+"""Training step throughput and peak memory: DeCLIP (released, SD teacher, teacher cache), SCD, the Refiner.
 
 Real-size **random** models (speed only, never results): the student is open_clip's EVA02-B-16 at 560 px,
 the VFM a DINOv2-B/14 with registers at 490 px, the Stable Diffusion teacher an SD 1.5-shaped UNet + VAE
 (built from the architecture, random weights) at 512 px. Each configuration runs the trainer's own pieces
 (``StudentForward``, ``DeclipObjective``, AdamW step) on the same synthetic images; the first step of each
-is a warm-up and not timed. With ``--teacher-cache``, rows "warm cache" first fill the cache, then time
-steps that read it. Ratios are against the first row (the released recipe, no cache) of the same run.
+is a warm-up and not timed. Rows "warm teacher cache" first fill the cache, then time
+steps that read it. SCD and Refiner rows use the same student and data (their own objectives; the Refiner
+trains only its two blocks on the frozen tower). Ratios are against the first row (the released recipe,
+no cache) of the same run.
 Peak memory: CUDA ``max_memory_allocated`` per row; on the CPU the process's peak RSS so far (it only grows).
 
     python benchmarks/train_speed.py [--steps 2] [--batch 2] [--threads 2] [--device cpu] [--no-sd]
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from ovdense.train.cache import TeacherCache
 from ovdense.train.config import TrainConfig
 from ovdense.train.data import DistillDataset
 from ovdense.train.losses import weighted_total
-from ovdense.train.objectives import DeclipObjective
+from ovdense.train.objectives import OBJECTIVES, DeclipObjective
 from ovdense.train.student import StudentForward, freeze_for_distillation
 from ovdense.train.teachers import ClipTeacher, SdTeacher, VfmTeacher
 from ovdense.train.trainer import param_groups
@@ -104,10 +107,16 @@ def run(label, cfg, student_model, tower, vfm, sd, images, device, steps, batch,
         proxies={"vfm": (vfm.proxy_size(grid), tuple(vfm.mean), tuple(vfm.std))},
         sd_size=cfg.sd_size if sd is not None else None,
     )  # fmt: skip
-    objective = DeclipObjective(cfg, clip_teacher, vfm, sd, caches, dataset.source.name)
-    student = StudentForward(model, tower, DeclipHead(cfg.mode), "size").train()
+    trained = model
+    if cfg.objective == "declip":
+        objective = DeclipObjective(cfg, clip_teacher, vfm, sd, caches, dataset.source.name)
+        student = StudentForward(model, tower, DeclipHead(cfg.mode), "size").train()
+    else:  # the SCD and Refiner objectives build their own student pass from a loaded model
+        loaded = SimpleNamespace(model=model, tower=tower)
+        objective = OBJECTIVES[cfg.objective].create(cfg, loaded, clip_teacher, device, dataset.source, grid)
+        student, trained = objective.student.train(), objective.trained
     betas, eps = cfg.adam_betas_eps()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
+    opt = torch.optim.AdamW(param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
     amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=2, drop_last=True)
@@ -166,6 +175,10 @@ def main() -> None:
         images = write_images(Path(tmp) / "images", (args.steps + 1) * args.batch)
         common = dict(images=images, device=device, steps=args.steps, batch=args.batch)
         rows.append(run("released (DINOv2-B)", released, student_model, tower, vfm, None, **common))
+        scd = TrainConfig(objective="scd", image_size=560)
+        rows.append(run("SCD (RLA + SCD, frozen-CLIP target)", scd, student_model, tower, vfm, None, **common))
+        refiner = TrainConfig(objective="refiner", image_size=560)
+        rows.append(run("Refiner stage", refiner, student_model, tower, vfm, None, **common))
         rows.append(run("released, warm teacher cache", released, student_model, tower, vfm, None,
                         cache_dir=Path(tmp) / "c1", warm=True, **common))  # fmt: skip
         if sd is not None:
