@@ -370,3 +370,14 @@ def test_load_refiner_errors(tmp_path, vit):
     bad_meta = tmp_path / "bad_meta.safetensors"
     bad_meta.write_bytes(save(other, metadata={**meta, "width": "wide"}))
     _one_line_error("bad metadata", bad_meta)
+
+
+def test_zoomed_targets_do_not_depend_on_the_chunk_size():
+    from ovdense.train.refiner import zoomed_targets
+
+    tower = load_model("ovdense-test-vit").tower
+    crops = torch.randn(5, 3, 224, 224)
+    hw = torch.tensor([[224, 224], [112, 224], [224, 100], [224, 224], [60, 224]])
+    a = zoomed_targets(tower, crops, hw, 2)
+    b = zoomed_targets(tower, crops, hw, 2, chunk=2)
+    torch.testing.assert_close(a, b)

@@ -235,7 +235,9 @@ def valid_grid_boxes(crop_hw: Tensor, crop_size: int | Sequence[int], grid: int 
     return px * px.new_tensor([grid_w / size_w, grid_h / size_h, grid_w / size_w, grid_h / size_h])
 
 
-def zoomed_targets(tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, pos_rule: str = "size") -> Tensor:
+def zoomed_targets(
+    tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, pos_rule: str = "size", chunk: int = 64
+) -> Tensor:
     """The frozen CLIP's dense tokens of each zoomed-in crop, pooled n x n over its non-padded area (ours).
 
     Dense map of the ``maskclip`` head (CLIPSelf's dense head), projected and L2-normalised per token, as the
@@ -250,6 +252,7 @@ def zoomed_targets(tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, po
         n: tokens per side of each target.
         pos_rule: positional-embedding resize rule (the crops are at the tower's input size, where both rules
             keep the original table).
+        chunk: crops per tower pass (bounds memory on large towers; the result does not depend on it).
 
     Returns:
         K x n² x D fp32 L2-normalised targets, row-major over the n x n cells.
@@ -261,8 +264,14 @@ def zoomed_targets(tower: DenseTower, crops: Tensor, crop_hw: Tensor, n: int, po
         raise ValueError(f"crop_hw: expected {k} x 2 for {k} crops, got shape {tuple(crop_hw.shape)}")
     if k == 0:
         return torch.zeros(0, n * n, tower.out_dim, device=crops.device)
+    head = create_head("maskclip")
     with torch.no_grad():
-        dense = create_head("maskclip").encode_dense(tower, crops, pos_rule, normalize=True).float()
+        dense = torch.cat(
+            [
+                head.encode_dense(tower, crops[i : i + chunk], pos_rule, normalize=True).float()
+                for i in range(0, k, chunk)
+            ]
+        )
         boxes = valid_grid_boxes(crop_hw.cpu(), tuple(crops.shape[-2:]), tuple(dense.shape[-2:])).to(dense.device)
         # One box per crop: RoIAlign's K x 5 form, the first column the crop's index in the batch.
         index = torch.arange(k, device=dense.device, dtype=boxes.dtype)[:, None]
