@@ -283,26 +283,12 @@ def convert_coco_stuff(
     """
     root = _find_root(root, ("coco_stuff164k", "."), "annotations", "COCO-Stuff", _COCO_HINT)
     lut = coco_stuff_lut()
-    result = ConvertResult()
-    for split in splits:
-        ann_dir = root / "annotations" / split
-        files = _raw_coco_maps(ann_dir) if ann_dir.is_dir() else []
-        if not files:
-            continue
-        jobs = [(p, ann_dir / f"{_stem(p)}_labelTrainIds.png") for p in files]
-        _run_jobs(
-            jobs,
-            lambda p: lut[_read_index_png(p)],
-            overwrite,
-            f"COCO-Stuff {split}",
-            progress,
-            workers,
-            result,
-        )
-        result.out_dirs.append(ann_dir)
-    if not result.out_dirs:
-        raise OvdenseError(f"COCO-Stuff: no label maps in {root / 'annotations'}/{{{','.join(splits)}}}; {_COCO_HINT}")
-    return result
+
+    def plan(ann_dir: Path):
+        jobs = [(p, ann_dir / f"{_stem(p)}_labelTrainIds.png") for p in _raw_coco_maps(ann_dir)]
+        return jobs, lut
+
+    return _convert_coco_splits(root, splits, "COCO-Stuff", plan, overwrite, progress, workers)
 
 
 def convert_coco_object(
@@ -327,29 +313,45 @@ def convert_coco_object(
         OvdenseError: no annotation folder or no label maps found.
     """
     root = _find_root(root, ("coco_stuff164k", "."), "annotations", "COCO-Object", _COCO_HINT)
+
+    def plan(ann_dir: Path):
+        files = _raw_coco_maps(ann_dir)
+        if files:
+            return [(p, ann_dir / f"{_stem(p)}_instanceTrainIds.png") for p in files], coco_object_lut()
+        suffix = "_labelTrainIds.png"
+        files = sorted(ann_dir.glob(f"*{suffix}"))
+        jobs = [(p, ann_dir / f"{p.name[: -len(suffix)]}_instanceTrainIds.png") for p in files]
+        return jobs, coco_object_lut(from_train_ids=True)
+
+    return _convert_coco_splits(root, splits, "COCO-Object", plan, overwrite, progress, workers)
+
+
+def _convert_coco_splits(
+    root: Path,
+    splits: Iterable[str],
+    title: str,
+    plan: Callable[[Path], tuple[list[tuple[Path, Path]], np.ndarray]],
+    overwrite: bool,
+    progress: bool,
+    workers: int | None,
+) -> ConvertResult:
+    """Per split folder of ``annotations``: ``plan(ann_dir)`` gives the (input, output) pairs and the lookup
+    table applied to each input's indices; missing or empty splits are skipped, none at all is an error."""
+    splits = tuple(splits)  # read twice: the loop and the error message
     result = ConvertResult()
     for split in splits:
         ann_dir = root / "annotations" / split
         if not ann_dir.is_dir():
             continue
-        files = _raw_coco_maps(ann_dir)
-        if files:
-            lut = coco_object_lut()
-            jobs = [(p, ann_dir / f"{_stem(p)}_instanceTrainIds.png") for p in files]
-        else:
-            suffix = "_labelTrainIds.png"
-            files = sorted(ann_dir.glob(f"*{suffix}"))
-            lut = coco_object_lut(from_train_ids=True)
-            jobs = [(p, ann_dir / f"{p.name[: -len(suffix)]}_instanceTrainIds.png") for p in files]
+        jobs, lut = plan(ann_dir)
         if not jobs:
             continue
         _run_jobs(
-            jobs, lambda p, lut=lut: lut[_read_index_png(p)], overwrite, f"COCO-Object {split}", progress, workers,
-            result,
-        )  # fmt: skip
+            jobs, lambda p, lut=lut: lut[_read_index_png(p)], overwrite, f"{title} {split}", progress, workers, result
+        )
         result.out_dirs.append(ann_dir)
     if not result.out_dirs:
-        raise OvdenseError(f"COCO-Object: no label maps in {root / 'annotations'}/{{{','.join(splits)}}}; {_COCO_HINT}")
+        raise OvdenseError(f"{title}: no label maps in {root / 'annotations'}/{{{','.join(splits)}}}; {_COCO_HINT}")
     return result
 
 
