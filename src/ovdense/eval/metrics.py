@@ -17,6 +17,21 @@ import numpy as np
 import torch
 
 
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ``torch.distributed`` group (torchrun), on the CPU; ``t`` itself when there is none.
+
+    NCCL reduces CUDA tensors only (on this process's current device), gloo CPU ones.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
 @dataclass
 class SegMetrics:
     """Results in percent. ``iou``/``acc`` are per class (NaN: class absent from labels and predictions)."""
@@ -86,14 +101,7 @@ class IoUAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the counts over the ``torch.distributed`` group (in place; no-op when not initialised)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        packed = torch.cat([self.counts.flatten(), torch.tensor([self.num_images])]).to(device)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
+        packed = sum_over_processes(torch.cat([self.counts.flatten(), torch.tensor([self.num_images])]))
         self.counts = packed[:-1].view(3, self.num_classes).clone()
         self.num_images = int(packed[-1])
 

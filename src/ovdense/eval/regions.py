@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from ..fileio import write_atomic, write_json_atomic
 from ..predictor import Segmenter
 from ..text import DETECTION_TEMPLATES
+from .metrics import sum_over_processes
 from .panoptic import CocoPanoptic
 from .runner import _identity_collate, _unwrap_worker_errors, dist_info, shard_indices
 
@@ -81,7 +82,7 @@ class RegionAccuracy:
     def all_reduce(self) -> None:
         """Sum the counts over the processes of a torchrun group (no-op otherwise)."""
         for kind in self.kinds:
-            self.counts[kind] = _sum_over_processes(self.counts[kind])
+            self.counts[kind] = sum_over_processes(self.counts[kind])
 
     def compute(self, is_thing: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
         """``{kind: {"things"|"stuff": {"top1", "top5"}}}`` in percent, per :func:`mean_class_accuracy`."""
@@ -219,8 +220,8 @@ def evaluate_regions(
             for k, seg in enumerate(segments):
                 records.append((position, k, _region_record(sample, k, seg, tops, label_to_cat)))
     acc.all_reduce()
-    regions_seen = _sum_over_processes(regions_seen)
-    num_images = int(_sum_over_processes(torch.tensor([len(indices)]))[0])
+    regions_seen = sum_over_processes(regions_seen)
+    num_images = int(sum_over_processes(torch.tensor([len(indices)]))[0])
     is_thing = dataset.is_thing
     per_class = []
     for label, cat in enumerate(dataset.categories):
@@ -238,17 +239,6 @@ def evaluate_regions(
         num_regions={"things": int(regions_seen[0]), "stuff": int(regions_seen[1])},
     )
     return metrics, (_gather_records(records) if save_predictions else None)
-
-
-def _sum_over_processes(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    moved = t.to(device)
-    dist.all_reduce(moved)
-    return moved.cpu()
 
 
 def regions_table(metrics: RegionMetrics) -> str:

@@ -41,17 +41,17 @@ def boxes_in_grid_units(boxes: torch.Tensor, valid: torch.Tensor, grid: tuple[in
     return [b[v] * scale for b, v in zip(boxes, valid, strict=True)]
 
 
-def regions_share(local: int, device: torch.device) -> float:
+def regions_share(local: int) -> float:
     """``world_size * local / global`` region count: scales a per-process mean over regions so that the
     gradient DDP averages equals the mean over all regions of the global batch (ours; the reference
     averages per-GPU means, which weights images by how many grid cells they drew)."""
     import torch.distributed as dist
 
+    from ..eval.metrics import sum_over_processes
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 1.0
-    t = torch.tensor([float(local)], device=device)
-    dist.all_reduce(t)
-    total = float(t.item())
+    total = float(sum_over_processes(torch.tensor([float(local)]))[0])
     return dist.get_world_size() * local / total if total > 0 else 0.0
 
 
@@ -135,8 +135,7 @@ class DeclipObjective:
         cfg = self.cfg
         valid = batch["box_valid"]
         rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
-        n_local = int(valid.sum())
-        share = regions_share(n_local, out.content.device)
+        share = regions_share(int(valid.sum()))
         device = out.content.device
         with torch.no_grad():
             teacher_cls = self.clip_teacher.crop_embeddings(batch["crops"][valid])
@@ -278,7 +277,7 @@ class ScdObjective:
         """``{"rla": ..., "scd": ...}`` for a batch (see :class:`DeclipObjective` for the batch keys)."""
         valid = batch["box_valid"]
         rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
-        share = regions_share(int(valid.sum()), out.content.device)
+        share = regions_share(int(valid.sum()))
         with torch.no_grad():
             teacher_cls = self.clip_teacher.crop_embeddings(batch["crops"][valid])
         content = out.content.float()
@@ -332,7 +331,7 @@ class RefinerObjective:
         n = cfg.refiner_tokens
         valid = batch["box_valid"]
         rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
-        share = regions_share(int(valid.sum()), out.content.device)
+        share = regions_share(int(valid.sum()))
         refined = roi_align(out.content.float(), rois, (n, n), 1.0, -1, True).flatten(2).transpose(1, 2)
         crop_size = self.tower.preprocess.image_size[0]
         crop_hw = resized_crop_hw(batch["pixel_boxes"][valid].cpu(), crop_size).to(out.content.device)
