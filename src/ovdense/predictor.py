@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, create_head
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
 from .pamr import pamr
+from .precision import autocast, check_precision
 from .presets import Preset, get_preset
 from .regions import RegionResult
 from .text import (
@@ -28,8 +28,6 @@ from .text import (
     validate_classes,
 )
 from .weights import LoadedModel, load_model
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def load_image(image) -> np.ndarray:
@@ -147,12 +145,9 @@ class Segmenter:
         text_cache_dir=None,
         templates=OPENAI_TEMPLATES,
     ):
-        if precision not in PRECISIONS:
-            raise OvdenseError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        check_precision(precision, device)
         if window_batch < 1:
             raise OvdenseError("window_batch must be >= 1")
-        if precision == "fp16" and device.type == "cpu":
-            raise OvdenseError("fp16 autocast needs a GPU; on the CPU use --precision bf16 or fp32")
         self.loaded = loaded
         self.preset = preset
         self.device = device
@@ -213,11 +208,7 @@ class Segmenter:
 
     # -- image side -------------------------------------------------------------------------------
     def _autocast(self):
-        if self.precision == "fp32" or (self.precision == "auto" and self.device.type != "cuda"):
-            return contextlib.nullcontext()
-        # 'auto' on CUDA is fp16, the precision all references run the image tower in.
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         with self._autocast():

@@ -13,7 +13,6 @@ moments as safetensors + ``trainer_state.json``); ``log.csv``; TensorBoard event
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import json
@@ -27,6 +26,7 @@ import torch
 
 from ..errors import OvdenseError
 from ..fileio import write_json_atomic
+from ..precision import amp_dtype, autocast, check_precision
 from .config import TrainConfig
 
 __all__ = ["EpochSampler", "Trainer", "cosine_lr", "ensemble_state", "param_groups"]
@@ -150,8 +150,6 @@ class Trainer:
             raise OvdenseError(f"unknown objective {cfg.objective!r}; available: {', '.join(OBJECTIVES)}")
         if cfg.mode not in ("csa", "qq"):
             raise OvdenseError(f"unknown DeCLIP mode {cfg.mode!r}; expected csa or qq")
-        if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise OvdenseError(f"unknown precision {cfg.precision!r}")
         if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
             raise OvdenseError("batch size, accumulation steps and epochs must be >= 1")
         self.out = Path(cfg.out)
@@ -164,8 +162,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.loaded = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
         self.device = next(self.loaded.model.parameters()).device
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise OvdenseError("fp16 AMP needs a GPU; on the CPU use --precision bf16 or fp32")
+        check_precision(cfg.precision, self.device)
         tower = self.loaded.tower
         self.clip_teacher = ClipTeacher(self.loaded.model)  # the initial weights: crop teacher, ensembling partner
         grid = cfg.image_size // tower.patch_size
@@ -198,8 +195,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.trained, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps
         )
-        amp_dtype = self._amp_dtype()
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        # fp16 needs loss scaling (DeCLIP's GradScaler); bf16 and fp32 do not.
+        fp16 = amp_dtype(cfg.precision, self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.ddp = None
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -211,17 +209,8 @@ class Trainer:
         if cfg.resume:
             self._resume(Path(cfg.resume))
 
-    def _amp_dtype(self) -> torch.dtype | None:
-        p = self.cfg.precision
-        if p == "fp32" or (p == "auto" and self.device.type != "cuda"):
-            return None
-        return torch.bfloat16 if p == "bf16" else torch.float16
-
     def _autocast(self):
-        dtype = self._amp_dtype()
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.cfg.precision, self.device)
 
     # -- state ------------------------------------------------------------------------------------
     def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
