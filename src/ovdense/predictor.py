@@ -161,8 +161,6 @@ class Segmenter:
             torch.tensor(pixel_stats(v), device=device).view(1, 3, 1, 1)
             for v in (tower.preprocess.mean, tower.preprocess.std)
         )
-        # Region classification follows open_clip's transforms: exact statistics on [0, 1] pixels.
-        self._region_mean, self._region_std = tower.preprocess.mean, tower.preprocess.std
         self._text: dict[tuple, TextClassifier] = {}
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
@@ -311,9 +309,10 @@ class Segmenter:
         """The 1 x D x h x w dense map of the detection-size input (token-normalised only where the references
         normalise, see :attr:`DenseTower.region_tokens_normalized`), and the resize scale."""
         if size not in self._region_maps:
-            x, scale = regions.detection_input(self._image, size, self._region_mean, self._region_std)
+            # Region classification follows open_clip's transforms: the exact statistics on [0, 1] pixels.
+            tower = self.loaded.tower
+            x, scale = regions.detection_input(self._image, size, tower.preprocess.mean, tower.preprocess.std)
             with self._autocast():
-                tower = self.loaded.tower
                 dense = self.head.encode_dense(
                     tower, x.to(self.device), self.preset.pos_rule, tower.region_tokens_normalized
                 )
@@ -321,12 +320,12 @@ class Segmenter:
         return self._region_maps[size]
 
     def _crop_features(self, boxes: np.ndarray, enlarge: np.ndarray, batch: int = 32) -> torch.Tensor:
-        tower = self.loaded.tower
-        size = tower.preprocess.image_size
+        pre = self.loaded.tower.preprocess
+        size = pre.image_size
         cut = regions.crop_boxes(boxes, enlarge, self._image.shape[:2])
         feats = []
         for start in range(0, len(cut), batch):
-            x = regions.crop_inputs(self._image, cut[start : start + batch], size, self._region_mean, self._region_std)
+            x = regions.crop_inputs(self._image, cut[start : start + batch], size, pre.mean, pre.std)
             with self._autocast():
                 feats.append(self.loaded.model.encode_image(x.to(self.device)).float())
         return torch.cat(feats) if feats else torch.zeros(0, self.loaded.model.visual.output_dim, device=self.device)

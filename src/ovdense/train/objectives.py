@@ -163,7 +163,7 @@ class DeclipObjective:
                 terms["rcc"] = L.rcc_loss(tokens, vfm_region, tau=cfg.rcc_tau) * share
 
         q = L.resize_tokens(out.q.float(), out.grid, vfm_grid)
-        k = L.resize_tokens(out.k.float(), out.grid, vfm_grid) if self.head_mode == "csa" else None
+        k = L.resize_tokens(out.k.float(), out.grid, vfm_grid) if cfg.mode == "csa" else None
         s_student = L.student_context_affinity(q, k)
         if cfg.context_loss == "l2":
             terms["context"] = L.context_loss_l2(s_teacher, s_student)
@@ -178,10 +178,6 @@ class DeclipObjective:
             return run(batch[key])
         names = [self.name_of(int(i)) for i in batch["index"]]
         return cache.batch(names, lambda pos: run(batch[key][pos]))
-
-    @property
-    def head_mode(self) -> str:
-        return self.cfg.mode
 
 
 def _teacher_caches(cfg: TrainConfig, vfm, sd, grid: int) -> dict:

@@ -101,7 +101,8 @@ class StudentForward(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, tower: DenseTower, head, pos_rule: str = "size"):
         super().__init__()
         self.model = model
-        self.tower = tower  # a view over ``model``'s modules; not registered twice
+        # A view over ``model``'s modules: a plain attribute, so no parameter is registered twice (state_dict, DDP).
+        object.__setattr__(self, "tower", tower)
         self.head = head
         self.pos_rule = pos_rule
 
@@ -121,11 +122,3 @@ class StudentForward(torch.nn.Module):
         dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
         q, k = (None, None) if q is None else (q[:, p:], k[:, p:])
         return StudentOutput(content=dense, q=q, k=k, grid=(h, w))
-
-    def __setattr__(self, name, value):
-        # The tower is a view over ``model``'s modules: kept as a plain attribute so that no parameter is
-        # registered twice (state_dict, DDP).
-        if name == "tower":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)

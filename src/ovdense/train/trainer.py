@@ -289,8 +289,17 @@ class Trainer:
         self.batch_in_epoch, self.skipped = int(meta["batch_in_epoch"]), int(meta.get("skipped_images", 0))
         _set_rng_state(meta["rng"])
 
-    def save_checkpoint(self, epoch: int) -> Path:
-        """The weights of ``epoch``: the ensembled open_clip state dict, or the Refiner (its own stage)."""
+    def ensembled_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds, on the CPU: ``alpha·student + (1−alpha)·initial`` (alpha < 1)."""
+        student = {k: v.detach().cpu() for k, v in self.loaded.model.state_dict().items()}
+        if self.cfg.alpha >= 1.0:
+            return student
+        teacher = {k: v.detach().cpu() for k, v in self.clip_teacher.model.state_dict().items()}
+        return ensemble_state(student, teacher, self.cfg.alpha)
+
+    def save_checkpoint(self, epoch: int, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """The weights of ``epoch``: the ensembled open_clip state dict (``state``, else
+        :meth:`ensembled_state`), or the Refiner (its own stage)."""
         from safetensors.torch import save_file
 
         if self.objective.exports == "refiner":
@@ -301,9 +310,7 @@ class Trainer:
             save_refiner(path, self.trained, self.cfg.model)
             return path
 
-        student = {k: v.detach().cpu() for k, v in self.loaded.model.state_dict().items()}
-        teacher = {k: v.detach().cpu() for k, v in self.clip_teacher.model.state_dict().items()}
-        state = ensemble_state(student, teacher, self.cfg.alpha) if self.cfg.alpha < 1.0 else student
+        state = self.ensembled_state() if state is None else state
         path = self.out / "checkpoints" / f"epoch_{epoch}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -409,11 +416,14 @@ class Trainer:
             # Epoch done: the ensembled checkpoint, then the resume point of the next epoch.
             self.batch_in_epoch = 0
             self.epoch = epoch + 1
+            # One ensembled state for the checkpoint and the validation: they score the same weights.
+            clip = self.objective.exports == "clip"
+            state = self.ensembled_state() if clip and (main or cfg.val_data) else None
             if main:
-                last_ckpt = self.save_checkpoint(epoch + 1)
+                last_ckpt = self.save_checkpoint(epoch + 1, state)
             self._save_state_all()
-            if cfg.val_data and self.objective.exports == "clip":
-                self._validate(last_ckpt, epoch + 1, logger)
+            if cfg.val_data and clip:
+                self._validate(state, epoch + 1, logger)
             if stop:
                 break
         logger.close()
@@ -429,7 +439,7 @@ class Trainer:
 
             dist.barrier()
 
-    def _validate(self, checkpoint: Path | None, epoch: int, logger) -> None:
+    def _validate(self, state: dict[str, torch.Tensor], epoch: int, logger) -> None:
         """Region classification on ``val_data`` with the ensembled weights (every rank takes part)."""
         from ..backbones import tower_for
         from ..eval.panoptic import CocoPanoptic
@@ -441,10 +451,6 @@ class Trainer:
 
             dist.barrier()
         model = copy.deepcopy(self.clip_teacher.model)
-        if self.cfg.alpha < 1.0:
-            state = ensemble_state(self.loaded.model.state_dict(), self.clip_teacher.model.state_dict(), self.cfg.alpha)
-        else:
-            state = self.loaded.model.state_dict()
         model.load_state_dict(state)
         model.eval()
         loaded = copy.copy(self.loaded)
