@@ -6,9 +6,10 @@ import pickle
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from eval_fixtures import make_dataset, voc_palette
 from ovdense.errors import OvdenseError
@@ -21,6 +22,7 @@ from ovdense.eval.datasets import (
     read_image,
     read_label,
 )
+from ovdense.images import set_max_pixels
 
 VOC_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2011-samples"
 
@@ -118,6 +120,59 @@ def test_read_image_applies_exif_orientation(tmp_path):
     out = read_image(tmp_path / "rot.jpg")
     assert out.shape == (20, 10, 3)
     assert out[:5].mean() > 200 and out[-5:].mean() < 50  # the band is now on top
+
+
+def test_read_image_8bit_is_pillows_convert(tmp_path):
+    # benchmark numbers must not move: JPEG, greyscale JPEG and palette PNG decode as before, bit for bit
+    rgb = np.random.default_rng(0).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 8
+    im.save(tmp_path / "a.jpg", exif=exif, quality=90)
+    Image.fromarray(rgb[..., 2]).save(tmp_path / "g.jpg")
+    im.quantize(32).save(tmp_path / "p.png")
+    for name in ("a.jpg", "g.jpg", "p.png"):
+        with Image.open(tmp_path / name) as ref:
+            expected = np.asarray(ImageOps.exif_transpose(ref).convert("RGB"))
+        out = read_image(tmp_path / name)
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+        assert out.flags.writeable and out.flags.c_contiguous
+    assert read_image(tmp_path / "a.jpg").shape == (34, 21, 3)
+
+
+def test_read_image_scales_16_bit_and_composites_alpha(tmp_path):
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    cv2.imwrite(str(tmp_path / "g16.png"), v)
+    assert (tmp_path / "g16.png").read_bytes()[24] == 16  # IHDR bit depth: a genuine 16-bit PNG
+    viewer = np.round(v * 255.0 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "g16.png"), np.repeat(viewer[..., None], 3, axis=2))
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (8, 9, 3)).astype(np.uint16)
+    rgb16[0, 0] = [129, 386, 65407]  # the high byte says 0, 1, 255; a viewer 1, 2, 255
+    cv2.imwrite(str(tmp_path / "c16.png"), rgb16[..., ::-1])
+    assert (tmp_path / "c16.png").read_bytes()[24:26] == bytes([16, 2])
+    out = read_image(tmp_path / "c16.png")
+    np.testing.assert_array_equal(out, np.round(rgb16 * 255.0 / 65535).astype(np.uint8))
+    assert out[0, 0].tolist() == [1, 2, 255]
+    rgba = np.array([[[200, 100, 0, 0], [200, 100, 0, 255], [200, 100, 0, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    # over white: round(c a / 255 + 255 (1 - a / 255))
+    assert read_image(tmp_path / "a.png").tolist() == [[[255, 255, 255], [200, 100, 0], [227, 177, 127]]]
+
+
+def test_read_image_errors_and_pixel_limit(tmp_path):
+    with pytest.raises(OvdenseError, match=r"image not found: .*nope\.jpg"):
+        read_image(tmp_path / "nope.jpg")
+    (tmp_path / "t.jpg").write_text("not a picture")
+    with pytest.raises(OvdenseError, match=r"cannot read image .*t\.jpg: not a recognised image format"):
+        read_image(tmp_path / "t.jpg")
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "x.png")
+    set_max_pixels(1199)
+    try:
+        with pytest.raises(OvdenseError, match=r"x\.png is 40 x 30 = 1200 pixels, over the 1199 pixels limit"):
+            read_image(tmp_path / "x.png")
+    finally:
+        set_max_pixels(None)
+    assert read_image(tmp_path / "x.png").shape == (30, 40, 3)
 
 
 def test_split_file_order_is_kept(tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import OvdenseError
+from ..images import decode_image
 
 __all__ = [
     "CLASS_STYLES",
@@ -202,18 +203,16 @@ def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image as mmseg's ``LoadImageFromFile`` sees it: RGB, EXIF orientation applied.
 
+    :func:`ovdense.images.decode_image` rules: 8-bit images exactly as Pillow's ``convert("RGB")``, 16-bit
+    ones scaled to 8 bits, transparency composited over white, the pixel limit checked before decoding.
+
     Returns:
         HxWx3 uint8 RGB array.
-    """
-    from PIL import Image, ImageOps
 
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB")).copy()
-    except (OSError, ValueError) as err:
-        raise OvdenseError(f"cannot read image {path}: {err}") from None
+    Raises:
+        OvdenseError: the file is missing, unreadable, not a supported image or over the pixel limit.
+    """
+    return decode_image(path, exif=True)
 
 
 def class_file(name: str, style: str = "sclip") -> Path:
