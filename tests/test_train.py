@@ -16,6 +16,7 @@ from ovdense.cli import main
 from ovdense.heads import create_head
 from ovdense.predictor import Segmenter
 from ovdense.train.config import TrainConfig
+from ovdense.train.state import STATE_FILE, WEIGHTS_FILE, current_state
 from ovdense.train.student import StudentForward, freeze_for_distillation
 from ovdense.train.trainer import EpochSampler, Trainer, cosine_lr, ensemble_state, param_groups
 from ovdense.weights import load_model
@@ -218,12 +219,14 @@ def test_kill_and_resume_is_bit_identical(images, tmp_path):
     a.fit()
     b = Trainer.from_config(config(images, tmp_path / "b", epochs=2, max_steps=3, save_every=3))
     assert b.fit() is None  # stopped mid-epoch 1, no checkpoint yet
-    state = json.loads((tmp_path / "b" / "state" / "trainer_state.json").read_text())
+    state = json.loads((current_state(tmp_path / "b") / STATE_FILE).read_text())
     assert state["step"] == 3 and state["batch_in_epoch"] == 3 and state["epoch"] == 0
-    c = Trainer.from_config(config(images, tmp_path / "b", epochs=2, resume=str(tmp_path / "b")))
+    c = Trainer.from_config(config(images, tmp_path / "b", epochs=2, resume=str(tmp_path / "b" / "state")))
     c.fit()
-    for name in ("checkpoints/epoch_2.safetensors", "state/weights.safetensors"):
-        wa, wc = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+    a_run, b_run = tmp_path / "a", tmp_path / "b"
+    pairs = [(run / "checkpoints" / "epoch_2.safetensors", current_state(run) / WEIGHTS_FILE) for run in (a_run, b_run)]
+    for name, pa, pc in zip(("checkpoint", "state"), *pairs, strict=True):
+        wa, wc = load_file(str(pa)), load_file(str(pc))
         assert wa.keys() == wc.keys()
         for key in wa:
             assert torch.equal(wa[key], wc[key]), (name, key)
@@ -315,7 +318,6 @@ def test_cli_trains_and_the_result_loads(images, tmp_path, capsys):
         ("vfm", ["--vfm", "dinov9-z"], "dinov9-z"),
         ("device", ["--device", "cuda"], "cuda"),
         ("resume", ["--resume", "OTHER"], "another model"),
-        ("recipe", ["--recipe", "fancy"], "fancy"),
         ("sd", ["--sd", "--sd-model", "MISSING"], "MISSING"),
     ],
 )
@@ -338,6 +340,15 @@ def test_cli_bad_input_is_one_line(images, tmp_path, capsys, monkeypatch, case, 
     line = one_error_line(err)
     assert code == 2 and needle in line, line
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_cli_closed_flags_are_choices(images, tmp_path, capsys):
+    argv = ["train", "declip", "--data", str(images), "--out", str(tmp_path / "r"), "--recipe", "fancy"]
+    with pytest.raises(SystemExit) as info:
+        run_cli(argv, capsys)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "invalid choice: 'fancy' (choose from 'released', 'extended')" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_sd_without_the_extra(images, tmp_path, capsys, monkeypatch):

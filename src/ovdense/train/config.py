@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RECIPES", "TrainConfig"]
+from ..precision import PRECISIONS
+from ..presets import DECLIP_MODES
+
+__all__ = ["CHOICES", "RECIPES", "TrainConfig"]
 
 #: Loss settings per recipe. ``released``: DeCLIP's CVPR code (row-wise L2 context loss, 1x1 RoI content
 #: loss). ``extended``: the journal version's formulas with our defaults where no code is public (row-wise
@@ -15,6 +18,16 @@ __all__ = ["RECIPES", "TrainConfig"]
 RECIPES: dict[str, dict] = {
     "released": dict(context_loss="l2", sd=False, content_loss="roi", rcc_weight=0.0),
     "extended": dict(context_loss="kl", sd=True, content_loss="tokens", rcc_weight=1.0),
+}
+
+
+#: Fields with a closed set of values (the command line offers them as choices).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": tuple(RECIPES),
+    "mode": DECLIP_MODES,
+    "context_loss": ("l2", "kl"),
+    "content_loss": ("roi", "tokens"),
+    "precision": PRECISIONS,
 }
 
 

@@ -20,6 +20,7 @@ the global ``random`` module inside each worker, which makes its grids depend on
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import os
 import random
@@ -32,9 +33,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidArgumentError, OvdenseError
+from ..images import ImageDecodeError, decode_image
 from ..regions import boxes_on_grid, crop_inputs, detection_input
 
 __all__ = [
@@ -368,19 +369,23 @@ class _BadImage(Exception):
 def _decode(data: bytes) -> np.ndarray:
     """Encoded bytes -> H x W x 3 uint8 RGB, as the reference opens images (no EXIF transpose).
 
-    The reference converts to RGB after resizing; converting first is identical for RGB and greyscale images
-    (the only modes in COCO) and keeps one decoded array for every input.
+    :func:`ovdense.images.decode_image` rules (8-bit images exactly as Pillow's ``convert("RGB")``, 16-bit
+    ones scaled, transparency over white, the pixel limit). The reference converts to RGB after resizing;
+    converting first is identical for RGB and greyscale images (the only modes in COCO) and keeps one decoded
+    array for every input.
+
+    Raises:
+        _BadImage: unreadable, not an image, over the pixel limit, or a side under :data:`MIN_IMAGE_SIDE` px.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width < MIN_IMAGE_SIDE or im.height < MIN_IMAGE_SIDE:
-                raise _BadImage(f"too small ({im.width} x {im.height}; at least {MIN_IMAGE_SIDE} px a side)")
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
-        # Pillow's message names the in-memory buffer, which says nothing about the file.
-        raise _BadImage("not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise _BadImage(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        image = decode_image(data, exif=False)
+    except ImageDecodeError as err:
+        # the dataset names the file in its warning; the reason alone avoids saying "image" twice
+        raise _BadImage(err.reason) from None
+    h, w = image.shape[:2]
+    if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+        raise _BadImage(f"too small ({w} x {h}; at least {MIN_IMAGE_SIDE} px a side)")
+    return image
 
 
 def _check_stats(name: str, values) -> tuple[float, float, float]:
@@ -414,6 +419,8 @@ class DistillDataset(torch.utils.data.Dataset):
     - ``grid``: (2,) int64 ``(m, n)``, the grid drawn.
     - ``proxy_<name>``: 3 x P x P float32 per configured proxy; ``sd``: 3 x H x H in [-1, 1] when configured.
     - ``index``: the source index of the image used; ``skipped``: unreadable images passed over to reach it.
+    - ``sha256``: (32,) uint8, the SHA-256 of the used image's encoded bytes (the teacher cache's key: the
+      picture's content, not its file name).
 
     An unreadable, corrupt or too small image (a side under :data:`MIN_IMAGE_SIDE` px) is reported once per file
     with ``warnings.warn`` and replaced by the next readable one, ``(i + 1) % len``, ``(i + 2) % len``, ...; the
@@ -473,21 +480,31 @@ class DistillDataset(torch.utils.data.Dataset):
         """The generator of sample ``index`` at the current epoch (str seeds hash with SHA-512: stable)."""
         return random.Random(f"{self.seed}-{self.epoch}-{index}")
 
-    def _load(self, index: int) -> tuple[np.ndarray, int, int]:
-        """``(image, used index, skipped)``: the first readable image at or after ``index``."""
+    def _load(self, index: int) -> tuple[np.ndarray, int, int, bytes]:
+        """``(image, used index, skipped, sha256 of its bytes)``: the first readable image at or after ``index``."""
         n = len(self.source)
         for skipped in range(n):
             j = (index + skipped) % n
             if j in self._bad:
                 continue
             try:
-                return _decode(self.source.read(j)), j, skipped
+                data = self.source.read(j)
+                return _decode(data), j, skipped, hashlib.sha256(data).digest()
             except (_BadImage, OSError) as err:
                 self._bad.add(j)
                 warnings.warn(
                     f"skipping unreadable image {self.source.name(j)}: {err}; using the next image", stacklevel=3
                 )
         raise OvdenseError(f"none of the {n} images of {self.source!r} could be read")
+
+    def check_readable(self) -> None:
+        """Raise :class:`~ovdense.errors.OvdenseError` (one line) unless some image decodes.
+
+        Decodes from the first image on until one reads (unreadable ones warn, as in training), so a source
+        whose every image is bad fails before a run starts; one readable image is enough, the others are
+        replaced by it.
+        """
+        self._load(0)
 
     def sample(self, image: np.ndarray, rng: random.Random) -> dict[str, torch.Tensor]:
         """The tensors of one decoded image (H x W x 3 uint8) with the draws of ``rng``."""
@@ -519,8 +536,10 @@ class DistillDataset(torch.utils.data.Dataset):
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image, used, skipped = self._load(index)
+        image, used, skipped, digest = self._load(index)
         out = self.sample(image, self.rng(index))
         out["index"] = used
         out["skipped"] = skipped
+        # bytearray: frombuffer wants a writable buffer; 32 bytes that collate to B x 32 in a DataLoader.
+        out["sha256"] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
         return out

@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import roi_align
 
 from . import losses as L
-from .config import TrainConfig
+from .config import CHOICES, TrainConfig
 from .student import StudentOutput
 
 __all__ = [
@@ -63,8 +63,9 @@ class DeclipObjective:
         clip_teacher: a :class:`~ovdense.train.teachers.ClipTeacher` (frozen initial weights).
         vfm: a :class:`~ovdense.train.teachers.VfmTeacher`.
         sd: a :class:`~ovdense.train.teachers.SdTeacher` for the SD-guided affinity, or None.
-        caches: optional ``{"vfm": TeacherCache, "sd": TeacherCache}`` (see :mod:`ovdense.train.cache`).
-        name_of: maps a dataset index to the image's stable name (the cache key); needed with ``caches``.
+        caches: optional ``{"vfm": TeacherCache, "sd": TeacherCache}`` (see :mod:`ovdense.train.cache`), keyed
+            by the batch's ``sha256`` (B x 32 uint8 digests of the images' bytes).
+        name_of: maps a dataset index to the image's name, for the cache's warnings (optional).
     """
 
     name = "declip"
@@ -96,9 +97,9 @@ class DeclipObjective:
         return get_preset("declip", head_kwargs={"mode": self.cfg.mode})
 
     def __init__(self, cfg: TrainConfig, clip_teacher, vfm, sd=None, caches: dict | None = None, name_of=None):
-        if cfg.context_loss not in ("l2", "kl"):
+        if cfg.context_loss not in CHOICES["context_loss"]:
             raise ValueError(f"unknown context loss {cfg.context_loss!r}; expected l2 or kl")
-        if cfg.content_loss not in ("roi", "tokens"):
+        if cfg.content_loss not in CHOICES["content_loss"]:
             raise ValueError(f"unknown content loss {cfg.content_loss!r}; expected roi or tokens")
         if cfg.rcc_weight > 0 and cfg.content_loss != "tokens":
             raise ValueError("the region correlation constraint needs --content-loss tokens")
@@ -176,8 +177,10 @@ class DeclipObjective:
         cache = self.caches.get(kind)
         if cache is None:
             return run(batch[key])
-        names = [self.name_of(int(i)) for i in batch["index"]]
-        return cache.batch(names, lambda pos: run(batch[key][pos]))
+        # Keyed by content: the same file name in another folder may hold another picture.
+        keys = [bytes(d.tolist()).hex() for d in batch["sha256"].cpu()]
+        labels = [self.name_of(int(i)) for i in batch["index"]] if self.name_of is not None else None
+        return cache.batch(keys, lambda pos: run(batch[key][pos]), labels=labels)
 
 
 def _teacher_caches(cfg: TrainConfig, vfm, sd, grid: int) -> dict:

@@ -376,7 +376,7 @@ def load_refiner(
     """
     from safetensors import safe_open
 
-    from ..weights import _load_strict
+    from ..weights import load_strict
 
     path = Path(path)
     if not path.is_file():
@@ -410,7 +410,7 @@ def load_refiner(
         raise OvdenseError(
             f"refiner {path} has width {config['width']} ({trained_on}) but the tower has width {tower.width}"
         )
-    _load_strict(refiner, state, f"a refiner of {config}")
+    load_strict(refiner, state, f"a refiner of {config}")
     refiner.model_name = trained_on
     refiner.extra = extra
     refiner.requires_grad_(False)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OvdenseError
-from ..weights import _hub_reachable, _load_strict, read_checkpoint, resolve_device
+from ..weights import hub_reachable, load_strict, read_checkpoint, resolve_device
 from .losses import attention_chain as _chain
 from .losses import resize_attention
 from .tiny_teachers import TEST_VFM_MODELS
@@ -269,13 +269,13 @@ def _check_timm_weights_available(name: str, timm_name: str) -> None:
         if constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE is set"
         else:
-            reason = _hub_reachable(constants.ENDPOINT)
+            reason = hub_reachable(constants.ENDPOINT)
     elif cfg.url:
         from timm.models._hub import check_cached_file
 
         if check_cached_file(cfg.url):
             return
-        reason = _hub_reachable(cfg.url)
+        reason = hub_reachable(cfg.url)
     else:
         return  # a local file or state dict named by the cfg itself
     if reason:
@@ -340,7 +340,7 @@ def load_vfm(
             ) from None
         raise OvdenseError(f"cannot build VFM {name} ({timm_name}): {_first_line(err)}") from None
     if checkpoint is not None:
-        _load_strict(model, _vfm_state_dict(checkpoint, model), f"VFM {name} ({timm_name})")
+        load_strict(model, _vfm_state_dict(checkpoint, model), f"VFM {name} ({timm_name})")
         source = str(checkpoint)
     elif test_arch:
         source = "random (test architecture)"
@@ -614,7 +614,7 @@ def _check_sd_available(repo: str) -> bool:
     if constants.HF_HUB_OFFLINE:
         reason = None if cached else "HF_HUB_OFFLINE is set"
     else:
-        reason = _hub_reachable(constants.ENDPOINT)
+        reason = hub_reachable(constants.ENDPOINT)
         if reason and cached:
             return True
     if reason:

@@ -7,32 +7,35 @@ clipping, ``drop_last``; after each epoch the saved weights are ``α·student + 
 continues from the plain student.
 
 Outputs under ``out``: ``config.json``; ``checkpoints/epoch_<e>.safetensors`` (the ensembled open_clip state
-dict, ready for ``Segmenter.from_pretrained(checkpoint=...)``); ``state/`` (resume point: student and AdamW
-moments as safetensors + ``trainer_state.json``); ``log.csv``; TensorBoard events under ``tb/``.
+dict, ready for ``Segmenter.from_pretrained(checkpoint=...)``); ``state/`` (the resume point: one unit,
+published atomically and checked on load, :mod:`ovdense.train.state`); ``log.csv``; TensorBoard events under
+``tb/``. Checkpoints and ``config.json`` are written whole or not at all (temp file, fsync, ``os.replace``).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import json
+import hashlib
+import io
 import math
+import os
 import random
+import secrets
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import OvdenseError
-from ..fileio import write_json_atomic
+from ..errors import OvdenseError, first_line
+from ..fileio import check_output_dir, fsync_dir, write_atomic, write_atomic_durable
 from ..precision import amp_dtype, autocast, check_precision
 from .config import TrainConfig
+from .state import STATE_DIR, STATE_FILE, WEIGHTS_FILE, current_state, publish_state, read_state, tidy_state
 
-__all__ = ["EpochSampler", "Trainer", "cosine_lr", "ensemble_state", "param_groups"]
-
-STATE_DIR = "state"
-STATE_FILE = "trainer_state.json"
+__all__ = ["EpochSampler", "Trainer", "cosine_lr", "ensemble_state", "param_groups", "progress_line"]
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -122,6 +125,58 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def progress_line(
+    step: int, total: int, epoch: int, epochs: int, values: dict[str, float], lr: float, rate: float
+) -> str:
+    """The plain progress line printed off a terminal, e.g.
+    ``step 20/600 epoch 1/6 loss 0.4123 content 0.3000 context 0.1000 lr 1.0e-05 3.2 img/s``."""
+    terms = {"loss": values["loss"], **{k: v for k, v in values.items() if k != "loss"}}
+    text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+    return f"step {step}/{total} epoch {epoch}/{epochs} {text} lr {lr:.1e} {rate:.1f} img/s"
+
+
+class _Progress:
+    """A tqdm bar (step, loss terms, images/s) when stderr is a terminal; otherwise one plain line on stderr every
+    ``log_every`` steps, so logs piped to files or CI hold no bar redraws."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, epochs: int, log_every: int, desc: str):
+        self.enabled, self.total, self.epochs, self.log_every, self.desc = enabled, total, epochs, log_every, desc
+        self.bar = None
+        self.images = 0
+        self.tic = time.perf_counter()
+        if enabled and _stderr_is_terminal():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, values: dict[str, float], lr: float, rate: float, images: int) -> None:
+        if not self.enabled:
+            return
+        self.images += images
+        if self.bar is not None:
+            self.bar.set_description(f"{self.desc} epoch {epoch}/{self.epochs}", refresh=False)
+            self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "img/s": f"{rate:.1f}"}, refresh=False)
+            self.bar.update(1)
+            return
+        if step % self.log_every == 0 or step == 1 or step == self.total:
+            toc = time.perf_counter()
+            mean_rate = self.images / max(toc - self.tic, 1e-9)  # over the steps since the last line
+            self.images, self.tic = 0, toc
+            line = progress_line(step, self.total, epoch, self.epochs, values, lr, mean_rate)
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 class Trainer:
     """Runs one objective on one process or under torchrun (DDP).
 
@@ -152,7 +207,12 @@ class Trainer:
             raise OvdenseError(f"unknown DeCLIP mode {cfg.mode!r}; expected csa or qq")
         if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
             raise OvdenseError("batch size, accumulation steps and epochs must be >= 1")
+        if cfg.log_every < 1:
+            raise OvdenseError(f"--log-every must be >= 1, got {cfg.log_every}")
+        if not str(cfg.out):
+            raise OvdenseError("no output folder given: pass --out RUN_DIR")
         self.out = Path(cfg.out)
+        check_output_dir(self.out)  # before any model loads: a bad --out should not cost minutes
         source = open_source(cfg.data)  # an empty or missing data folder fails before any model loads
         self.dist = init_distributed_from_env(cfg.device)
         device = cfg.device
@@ -182,6 +242,8 @@ class Trainer:
             seed=cfg.seed,
             **self.objective.data_inputs(grid),
         )
+        # All images unreadable: one error now, before fit() creates the run folder.
+        self.dataset.check_readable()
         self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
         if self.sampler.batches_per_epoch < 1:
             raise OvdenseError(
@@ -206,6 +268,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped = 0
+        self._saved_at: tuple[int, int] | None = None  # (epoch, batch) of the last resume point written
         if cfg.resume:
             self._resume(Path(cfg.resume))
 
@@ -218,11 +281,10 @@ class Trainer:
         return {n: params[n] for n in self.trainable}
 
     def save_state(self) -> Path:
-        """Write the resume point (student weights, AdamW moments, counters, RNG) under ``out/state``."""
-        from safetensors.torch import save_file
+        """Publish the resume point (student weights, AdamW moments, counters, RNG) as one unit under
+        ``out/state`` (see the module doc); returns its folder."""
+        from safetensors.torch import save
 
-        state_dir = self.out / STATE_DIR
-        state_dir.mkdir(parents=True, exist_ok=True)
         named = self._named_trainable()
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in named.items()}
         for n, p in named.items():
@@ -232,9 +294,7 @@ class Trainer:
                     t = st[key]
                     t = t if isinstance(t, torch.Tensor) else torch.tensor(float(t))
                     tensors[f"adamw/{key}/{n}"] = t.detach().cpu().contiguous()
-        tmp = state_dir / "weights.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(state_dir / "weights.safetensors")
+        weights = save(tensors)
         meta = {
             "model": self.cfg.model,
             "objective": self.cfg.objective,
@@ -247,26 +307,17 @@ class Trainer:
             "world_size": self.dist.world_size,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": _rng_state(),
+            "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
         }
-        write_json_atomic(meta, state_dir / STATE_FILE)
-        return state_dir
+        return publish_state(self.out / STATE_DIR, weights, meta, label=str(self.step))
 
     def _resume(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state_dir = path / STATE_DIR if (path / STATE_DIR).is_dir() else path
-        meta_path, weights_path = state_dir / STATE_FILE, state_dir / "weights.safetensors"
-        if not meta_path.is_file() or not weights_path.is_file():
-            raise OvdenseError(f"cannot resume: {state_dir} has no {STATE_FILE} and weights.safetensors")
-        try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(weights_path))
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise OvdenseError(f"cannot resume from {state_dir}: {str(err).splitlines()[0]}") from None
+        folder = current_state(path)
+        meta, tensors = read_state(folder)
         same = meta.get("objective", "declip") == self.cfg.objective and meta.get("trainable") == self.trainable
         if meta.get("model") != self.cfg.model or not same:
             raise OvdenseError(
-                f"cannot resume: {state_dir} is a run of another model or mode (--model {meta.get('model')}, "
+                f"cannot resume: {folder} is a run of another model or mode (--model {meta.get('model')}, "
                 f"mode {meta.get('mode')}); this run uses --model {self.cfg.model}, mode {self.cfg.mode}"
             )
         named = self._named_trainable()
@@ -274,7 +325,7 @@ class Trainer:
             for n, p in named.items():
                 src = tensors.get(f"param/{n}")
                 if src is None or src.shape != p.shape:
-                    raise OvdenseError(f"cannot resume: {weights_path} lacks a matching {n}")
+                    raise OvdenseError(f"cannot resume: {folder / WEIGHTS_FILE} lacks a matching {n}")
                 p.copy_(src)
                 st = {}
                 for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -283,11 +334,18 @@ class Trainer:
                         st[key] = t.to(p.device) if key != "step" else t.clone()
                 if st:
                     self.optimizer.state[p] = st
-        if self.scaler is not None and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
-        self.batch_in_epoch, self.skipped = int(meta["batch_in_epoch"]), int(meta.get("skipped_images", 0))
-        _set_rng_state(meta["rng"])
+        try:
+            if self.scaler is not None and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
+            self.batch_in_epoch, self.skipped = int(meta["batch_in_epoch"]), int(meta.get("skipped_images", 0))
+            _set_rng_state(meta["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            what = f"{type(err).__name__}: {first_line(err)}"
+            raise OvdenseError(
+                f"cannot resume: the resume point {folder} is damaged: {folder / STATE_FILE} is incomplete ({what})"
+            ) from None
+        self._saved_at = (self.epoch, self.batch_in_epoch)  # this point is on disk already
 
     def ensembled_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint holds, on the CPU: ``alpha·student + (1−alpha)·initial`` (alpha < 1)."""
@@ -299,24 +357,33 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int, state: dict[str, torch.Tensor] | None = None) -> Path:
         """The weights of ``epoch``: the ensembled open_clip state dict (``state``, else
-        :meth:`ensembled_state`), or the Refiner (its own stage)."""
-        from safetensors.torch import save_file
+        :meth:`ensembled_state`), or the Refiner (its own stage). Written whole or not at all, fsynced."""
+        from safetensors.torch import save
 
         if self.objective.exports == "refiner":
             from .refiner import save_refiner
 
             path = self.out / "checkpoints" / f"refiner_epoch_{epoch}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_refiner(path, self.trained, self.cfg.model)
+            self._checkpoint_folder(path)
+            save_refiner(path, self.trained, self.cfg.model)  # temp file, fsync, os.replace
+            fsync_dir(path.parent)
             return path
 
         state = self.ensembled_state() if state is None else state
         path = self.out / "checkpoints" / f"epoch_{epoch}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": self.cfg.model})
-        tmp.replace(path)
+        self._checkpoint_folder(path)
+        data = save({k: v.contiguous() for k, v in state.items()}, metadata={"model": self.cfg.model})
+        write_atomic_durable(path, lambda f: f.write(data))
         return path
+
+    def _checkpoint_folder(self, path: Path) -> None:
+        """Create ``checkpoints/`` durably and drop the temp files a crash left for ``path``."""
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            fsync_dir(path.parent.parent)
+        for stale in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_suffix(".tmp")]:
+            if stale.is_file():
+                stale.unlink()
 
     # -- loop -------------------------------------------------------------------------------------
     def _loader(self):
@@ -359,28 +426,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def fit(self) -> Path | None:
-        """Train to ``epochs`` (or ``max_steps``); returns the last ensembled checkpoint written, if any."""
-        from tqdm import tqdm
+        """Train to ``epochs`` (or ``max_steps``); returns the last ensembled checkpoint written, if any.
 
+        ``log.csv`` and ``val.csv`` first lose any row past the starting step (logged after the resume point
+        was saved, or by an earlier run in ``out``), so each step appears once.
+        """
         cfg = self.cfg
         main = self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
         logger = _Logger(self.out, enabled=main)
+        logger.truncate(self.step)
+        if main:
+            tidy_state(self.out / STATE_DIR)
         self.student.train()
         last_ckpt = None
         stop = False
+        total = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        progress = _Progress(main, total, self.step, cfg.epochs, cfg.log_every, desc=cfg.objective)
+        images_per_step = cfg.batch_size * cfg.accum_steps * self.dist.world_size
         for epoch in range(self.epoch, cfg.epochs):
             self.epoch = epoch
             start = self.batch_in_epoch
             self.sampler.set_epoch(epoch, start)
             self.dataset.set_epoch(epoch)
             batches = self.steps_per_epoch * cfg.accum_steps
-            bar = tqdm(
-                total=batches, initial=start, desc=f"{cfg.objective} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                disable=not main or None,
-            )  # fmt: skip
             tic = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             for batch in self._loader():
@@ -393,25 +464,26 @@ class Trainer:
                 self.skipped += int(batch["skipped"].sum())
                 values = self._micro_step(self._to_device(batch))
                 self.batch_in_epoch += 1
-                bar.update(1)
                 if self.batch_in_epoch % cfg.accum_steps:
                     continue
                 self._optimizer_step()
                 self.step += 1
                 toc = time.perf_counter()
-                rate = cfg.batch_size * cfg.accum_steps * self.dist.world_size / max(toc - tic, 1e-9)
+                rate = images_per_step / max(toc - tic, 1e-9)
                 tic = toc
                 row = {k: float(v) for k, v in values.items()}
-                bar.set_postfix({k: f"{v:.4f}" for k, v in row.items()})
+                lr = self.optimizer.param_groups[0]["lr"]
+                progress.update(self.step, epoch + 1, row, lr, rate, images_per_step)
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    logger.log(self.step, epoch + 1, self.optimizer.param_groups[0]["lr"], row, rate, self.skipped)
+                    logger.log(self.step, epoch + 1, lr, row, rate, self.skipped)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self._save_state_all()
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
                     break
-            bar.close()
             if stop and self.batch_in_epoch < batches:
+                if self._saved_at != (self.epoch, self.batch_in_epoch):
+                    self._save_state_all()  # stopped by max_steps: the steps done so far can be resumed
                 break
             # Epoch done: the ensembled checkpoint, then the resume point of the next epoch.
             self.batch_in_epoch = 0
@@ -426,6 +498,7 @@ class Trainer:
                 self._validate(state, epoch + 1, logger)
             if stop:
                 break
+        progress.close()
         logger.close()
         if self.skipped and main:
             warnings.warn(f"{self.skipped} unreadable images were replaced by the next image", stacklevel=2)
@@ -434,6 +507,7 @@ class Trainer:
     def _save_state_all(self) -> None:
         if self.dist.is_main:
             self.save_state()
+        self._saved_at = (self.epoch, self.batch_in_epoch)
         if self.dist.world_size > 1:
             import torch.distributed as dist
 
@@ -475,6 +549,13 @@ class Trainer:
         logger.log_values(self.step, epoch, figures)
 
 
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
 class _Logger:
     """``log.csv`` rows and TensorBoard scalars (when tensorboard is installed), main process only."""
 
@@ -491,6 +572,40 @@ class _Logger:
             self.writer = SummaryWriter(str(out / "tb"))
         except ImportError:
             warnings.warn("TensorBoard logs are off: pip install 'ovdense[train]' for them", stacklevel=3)
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows past ``step`` (and torn ones) from ``log.csv`` and ``val.csv``, rewriting atomically."""
+        if not self.enabled:
+            return
+        for path in (self.csv_path, self.val_path):
+            if not path.is_file():
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            fields = reader.fieldnames or []
+            rows = list(reader)
+            if rows and not text.endswith("\n"):
+                rows[-1] = {**rows[-1], "step": None}  # a crash mid-append: the last row is torn
+            if "step" not in fields:
+                aside = path.with_name(f"{path.name}.unreadable-{secrets.token_hex(3)}")
+                os.replace(path, aside)
+                warnings.warn(f"{path} has no step column; moved aside to {aside}", stacklevel=3)
+                continue
+            kept = [r for r in rows if None not in r.values() and _int_or_none(r["step"]) is not None]
+            kept = [r for r in kept if _int_or_none(r["step"]) <= step]
+            if len(kept) == len(rows):
+                continue
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=fields)
+            w.writeheader()
+            w.writerows(kept)
+            data = buf.getvalue().encode()
+            write_atomic(path, lambda f, data=data: f.write(data))
+            warnings.warn(
+                f"{path}: dropped {len(rows) - len(kept)} rows past step {step} (logged after the resume point "
+                "was saved, or by an earlier run in this folder); those steps are logged again",
+                stacklevel=3,
+            )
 
     def _append(self, path: Path, row: dict) -> None:
         new = not path.exists()
