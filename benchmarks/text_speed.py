@@ -20,7 +20,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ovdense.text import OPENAI_TEMPLATES, build_text_classifier, flatten_classes, read_class_file
+from ovdense.classes import read_class_file
+from ovdense.text import OPENAI_TEMPLATES, build_text_classifier, flatten_classes
 
 # VOC21's 56 names (background words, classes, synonyms) from the example class file.
 VOC_NAMES = flatten_classes(read_class_file(Path(__file__).parent.parent / "examples" / "voc21_classes.txt"))[0]

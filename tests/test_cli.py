@@ -132,7 +132,6 @@ def _bad_inputs(photos, tmp_path):
         "duplicate classes": ([img, "--classes", "cat; dog; cat"] + tiny, "duplicate"),
         "no classes": ([img] + tiny, "no classes"),
         "missing class file": ([img, "--classes-file", str(tmp_path / "none.txt")] + tiny, "none.txt"),
-        "unknown method": ([img, "--classes", "a; b", "--method", "segformer"] + tiny, "unknown method"),
         "unknown model": ([img, "--classes", "a; b", "--model", "ViT-Q-99"], "unknown model"),
         "unknown tag": (
             [img, "--classes", "a; b", "--model", "ViT-B-16", "--pretrained", "nope"],

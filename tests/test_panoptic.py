@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,42 @@ def test_no_exif_transpose(fx):
     assert out["image"].shape == (60, 72, 3)  # stored layout, matching the PNG
     assert out["image"][:, :8].mean() > 200 and out["image"][:, -30:].mean() < 50
     assert out["masks"].shape == (0, 60, 72)
+
+
+def test_images_decode_by_the_shared_rules_as_stored(fx):
+    # a 16-bit RGB PNG (under the .jpg name: the content decides) with an EXIF rotation: scaled from its 16-bit
+    # values as a viewer does, left in the stored layout
+    h, w = fx.sizes[3]
+    rgb16 = np.random.default_rng(7).integers(0, 65536, (h, w, 3)).astype(np.uint16)
+    rgb16[0, 0] = [129, 386, 65407]  # the high byte (Pillow's own 16 -> 8 bits) says 0, 1, 255
+    ok, buf = cv2.imencode(".png", rgb16[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok and buf.tobytes()[24:26] == bytes([16, 2])  # IHDR: 16-bit RGB
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a viewer would rotate 90 degrees clockwise
+    tiff = exif.tobytes()[6:]  # a PNG eXIf chunk holds the TIFF data without the "Exif\0\0" prefix
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    path = fx.data_root / "val2017" / fx.file_names[3]
+    path.write_bytes(buf.tobytes()[:33] + chunk + buf.tobytes()[33:])  # after the 8-byte signature + IHDR
+    with Image.open(path) as check:
+        assert check.getexif()[0x0112] == 6 and h != w
+    out = CocoPanoptic(fx.data_root)[3]["image"]
+    assert out.shape == (h, w, 3)
+    np.testing.assert_array_equal(out, np.round(rgb16 * 255.0 / 65535).astype(np.uint8))
+    assert out[0, 0].tolist() == [1, 2, 255]
+    # 8-bit JPEGs: bit for bit the reference's convert("RGB")
+    for i in range(3):
+        with Image.open(fx.data_root / "val2017" / fx.file_names[i]) as ref:
+            expected = np.asarray(ref.convert("RGB"))
+        np.testing.assert_array_equal(CocoPanoptic(fx.data_root)[i]["image"], expected)
+
+
+def test_unreadable_image_is_one_line_error(fx):
+    path = fx.data_root / "val2017" / fx.file_names[0]
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(OvdenseError) as err:
+        CocoPanoptic(fx.data_root)[0]
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read image {path}: ") and "\n" not in msg
 
 
 # --- segments ----------------------------------------------------------------------------------------------------
@@ -260,3 +299,24 @@ def test_malformed_json_entries(fx):
     fx.ann_file.write_text(json.dumps([1, 2]))
     with pytest.raises(OvdenseError, match="panoptic_val2017.json is not a COCO panoptic annotation file"):
         CocoPanoptic(fx.data_root)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser's stack
+        '{"images": [], "categories": [], "annotations": "not a list"}',
+        '{"images": [[1, 2]], "categories": []}',
+        '{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [], "annotations": [{"image_id": [1]}]}',
+        '{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [],'
+        ' "annotations": [{"image_id": 1, "segments_info": [7]}]}',
+    ],
+    ids=["nested", "annotations-string", "image-list", "unhashable-id", "segment-number"],
+)
+def test_hostile_json_is_one_line(tmp_path, hostile):
+    fx = make_panoptic(tmp_path / "coco")
+    fx.ann_file.write_text(hostile)
+    with pytest.raises(OvdenseError) as info:
+        CocoPanoptic(fx.data_root)
+    msg = str(info.value)
+    assert msg.startswith("COCO panoptic: ") and "\n" not in msg and len(msg) < 400

@@ -1,5 +1,7 @@
 """Segmenter: the whole protocol wired together, set_image once / predict many, presets honoured."""
 
+import warnings
+
 import imgviz
 import numpy as np
 import pytest
@@ -40,9 +42,10 @@ def test_predict_matches_the_protocol_step_by_step(tiny_vit):
     labels, probs = cosine_to_labels(cos[0], text.name_to_class, 65.0, p.prob_thd, p.area_thd)
 
     assert result.labels.shape == PHOTO.shape[:2] and result.labels.dtype == np.int64
-    assert result.logits.shape == (5, 375, 500)
+    assert result.probs.shape == (5, 375, 500)
     np.testing.assert_array_equal(result.labels, labels.numpy())
-    torch.testing.assert_close(result.logits, probs)
+    assert isinstance(result.probs, np.ndarray) and result.probs.dtype == np.float32
+    np.testing.assert_array_equal(result.probs, probs.numpy())
     assert result.class_names[1] == ["person", "person in shirt"]
     assert result.settings["logit_scale"] == 65.0 and result.settings["area_thd"] == 0.1
 
@@ -59,7 +62,7 @@ def test_image_tower_runs_once_for_many_predicts(tiny_vit, monkeypatch):
     assert n_windows >= 1
     second = seg.predict(["road", "car, truck", "person"])
     assert len(calls) == n_windows  # the second class list reuses the image features
-    assert first.logits.shape[0] == 2 and second.logits.shape[0] == 3
+    assert first.probs.shape[0] == 2 and second.probs.shape[0] == 3
     assert seg.text_classifier("sky; person") is seg.text_classifier("sky; person")  # in-memory cache
 
 
@@ -72,7 +75,7 @@ def test_window_batch_does_not_change_results(tiny_vit):
     for r in results[1:]:
         np.testing.assert_array_equal(r.labels, results[0].labels)
         # Batched GEMMs in the tower round differently from single ones: fp32 rounding, x logit scale.
-        torch.testing.assert_close(r.logits, results[0].logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(r.probs, results[0].probs, atol=1e-5, rtol=0)
 
 
 def test_crop_covering_the_image_equals_whole_image(tiny_vit):
@@ -82,7 +85,7 @@ def test_crop_covering_the_image_equals_whole_image(tiny_vit):
         seg.set_image(PHOTO)
     a, b = whole.predict(CLASSES), covering.predict(CLASSES)
     np.testing.assert_array_equal(a.labels, b.labels)
-    torch.testing.assert_close(a.logits, b.logits)
+    np.testing.assert_array_equal(a.probs, b.probs)
 
 
 def test_naclip_applies_pamr_and_whole_image_on_voc(tiny_vit, monkeypatch):
@@ -110,7 +113,7 @@ def test_naclip_applies_pamr_and_whole_image_on_voc(tiny_vit, monkeypatch):
     # ... and refines the raw cosine maps (before logit scale and softmax).
     assert seen["masks"].shape == (1, 8, 375, 500)  # one map per name
     assert float(seen["masks"].abs().max()) <= 1.0 + 1e-6  # cosines, not probabilities
-    assert not torch.allclose(a.logits, b.logits)
+    assert not np.allclose(a.probs, b.probs)
 
 
 @pytest.mark.parametrize("method", ["clearclip", "declip", "maskclip", "clip"])
@@ -122,8 +125,8 @@ def test_every_method_runs_on_both_towers(tiny_vit, tiny_eva, method):
         result = seg.predict(CLASSES)
         assert result.labels.shape == odd.shape[:2]
         assert set(np.unique(result.labels)) <= set(range(5))
-        assert torch.isfinite(result.logits).all()
-        assert float(result.logits.min()) >= 0 and float(result.logits.max()) <= 1
+        assert np.isfinite(result.probs).all()
+        assert float(result.probs.min()) >= 0 and float(result.probs.max()) <= 1
 
 
 def test_bf16_autocast_on_cpu_runs(tiny_vit):
@@ -162,3 +165,31 @@ def test_overlay_and_areas(tiny_vit):
     areas = result.areas()
     assert sum(a["pixels"] for a in areas) == 375 * 500
     assert {a["name"] for a in areas} <= {"sky", "person", "chair", "table", "bottle"}
+
+
+def test_method_options_are_plain_keywords():
+    seg = Segmenter.from_pretrained("ovdense-test-eva02", method="declip", mode="qq", crop=160, text_cache_dir=False)
+    assert seg.head.mode == "qq" and seg.preset.head_kwargs == {"mode": "qq"} and seg.preset.crop == 160
+    assert Segmenter.from_pretrained("ovdense-test-eva02", method="declip").head.mode == "csa"
+    with pytest.raises(OvdenseError, match=r"method 'sclip' has no setting or option 'mode'") as info:
+        Segmenter.from_pretrained("ovdense-test-vit", method="sclip", mode="qq")
+    assert "\n" not in str(info.value)
+    with pytest.raises(OvdenseError, match="unknown DeCLIP mode 'kq'"):
+        Segmenter.from_pretrained("ovdense-test-eva02", method="declip", mode="kq")
+    # dataset settings and options combine: DeCLIP's VOC21 preset with the qq head
+    voc = get_preset("declip", "voc21", mode="qq")
+    assert (voc.logit_scale, voc.prob_thd, voc.head_kwargs) == (80.0, 0.4, {"mode": "qq"})
+
+
+def test_a_random_test_model_warns_once(monkeypatch):
+    from ovdense import weights
+    from ovdense.errors import RandomWeightsWarning
+
+    monkeypatch.setattr(weights, "_WARNED_RANDOM", set())
+    with pytest.warns(RandomWeightsWarning, match="ovdense-test-vit is a RANDOM test architecture"):
+        Segmenter.from_pretrained("ovdense-test-vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        Segmenter.from_pretrained("ovdense-test-vit")  # the same process: no second warning
+    with pytest.warns(RandomWeightsWarning, match="ovdense-test-eva02"):
+        Segmenter.from_pretrained("ovdense-test-eva02", method="declip")

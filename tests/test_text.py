@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
 from ovdense import text as text_mod
+from ovdense.classes import parse_class_string, read_class_file
 from ovdense.text import (
     OPENAI_TEMPLATES,
     TextClassifier,
@@ -14,8 +15,6 @@ from ovdense.text import (
     default_cache_dir,
     encode_prompts,
     flatten_classes,
-    parse_class_string,
-    read_class_file,
     text_tower_digest,
 )
 
@@ -196,7 +195,7 @@ def test_corrupt_cache_file_is_rewritten(tokenizer, tmp_path):
     good = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     (path,) = tmp_path.iterdir()
     path.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="corrupt"):
+    with pytest.warns(UserWarning, match="is damaged"):
         again = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     torch.testing.assert_close(again.embeddings, good.embeddings)
     assert _files(tmp_path) == [path.name]
@@ -209,6 +208,61 @@ def test_corrupt_cache_file_is_rewritten(tokenizer, tmp_path):
         rec.close()
     assert rec.lengths == []
     assert torch.equal(third.embeddings, again.embeddings)
+
+
+def test_altered_cache_values_are_recomputed_with_a_warning(tokenizer, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _make(CLIP)
+    classes = [["sky"], ["tree"]]
+    good = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
+    (path,) = tmp_path.iterdir()
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        stored = f.get_tensor("embeddings")
+    assert metadata["digest"] == text_mod.embeddings_digest(stored)
+    altered = stored.clone()
+    altered[0, 0] += 1e-3  # a changed value under the old digest: a well-formed file with wrong numbers
+    save_file({"embeddings": altered}, str(path), metadata=metadata)
+    with pytest.warns(UserWarning, match="do not match the digest"):
+        again = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
+    assert torch.equal(again.embeddings, good.embeddings)
+    with safe_open(str(path), framework="pt") as f:  # rewritten with the right values
+        assert torch.equal(f.get_tensor("embeddings"), good.embeddings)
+    save_file({"embeddings": stored}, str(path), metadata={"names": metadata["names"]})
+    with pytest.warns(UserWarning, match="no digest recorded"):
+        build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
+
+
+def test_unwritable_cache_warns_once_and_runs_uncached(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(text_mod, "_UNWRITABLE_CACHES", set())
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    model = _make(CLIP)
+    with pytest.warns(UserWarning, match=r"cache .*file/text cannot be written .*running without it"):
+        first = build_text_classifier(model, tokenizer, [["sky"]], templates=TEMPLATES, cache_dir=blocked / "text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = build_text_classifier(model, tokenizer, [["tree"]], templates=TEMPLATES, cache_dir=blocked / "text")
+    assert first.embeddings.shape == second.embeddings.shape == (1, 32)
+    assert blocked.read_text() == "not a folder"
+
+
+def test_segmenter_passes_cache_warnings_on(tiny_vit, tmp_path):
+    from ovdense.predictor import Segmenter
+    from ovdense.presets import get_preset
+
+    seg = Segmenter(tiny_vit, get_preset("sclip"), torch.device("cpu"), text_cache_dir=tmp_path)
+    seg.text_classifier("sky; tree")
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"garbage")
+    fresh = Segmenter(tiny_vit, get_preset("sclip"), torch.device("cpu"), text_cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="is damaged"):
+        fresh.text_classifier("sky; tree")
+    with pytest.warns(UserWarning, match="can never be predicted") as record:
+        fresh.text_classifier("sky, bed; tree; bed")
+    assert len([w for w in record if "can never be predicted" in str(w.message)]) == 1
 
 
 def test_cache_disabled_writes_nothing(tokenizer, tmp_path, monkeypatch):

@@ -493,6 +493,29 @@ def test_known_tag_hub_unreachable_without_cache(tmp_path, monkeypatch):
     assert time.monotonic() - start < 10  # no minute of hub-client retries before the answer
 
 
+def test_hf_hub_repo_unreachable_without_cache_fails_in_seconds(tmp_path, monkeypatch, recwarn):
+    server = HubServer(tmp_path / "repos").start()
+    point_hub_at(monkeypatch, server.url, tmp_path / "empty_cache")
+    server.stop()  # connection refused, and offline mode is off: the hub client would retry for a minute
+    start = time.monotonic()
+    with pytest.raises(OvdenseError) as info:
+        load_model("hf-hub:" + REPO)
+    assert time.monotonic() - start < 10
+    assert_hub_repo_message(info.value, REPO)
+    assert "unreachable" in str(info.value)
+    assert not recwarn.list  # no retry warnings from the hub client
+
+
+def test_first_line_cuts_at_a_word_boundary():
+    from ovdense.errors import first_line
+
+    err = RuntimeError("word " * 100 + "\nsecond line")
+    line = first_line(err, limit=50)
+    assert line.endswith(" ...") and len(line) <= 54 and line[:-4].split(" ")[-1] == "word"
+    assert first_line(RuntimeError("short\nmore")) == "short" and first_line(KeyError()) == "KeyError"
+    assert first_line("x" * 300, limit=200) == "x" * 200 + " ..."  # no space at all: a hard cut
+
+
 def test_known_tag_repo_missing_on_hub(hf_hub):
     # Reachable hub without the repo (401 RepoNotFound): the same message, after asking for both files.
     with pytest.raises(OvdenseError) as info:

@@ -4,13 +4,36 @@
 >>> seg = Segmenter.from_pretrained("ViT-B-16", pretrained="openai", method="sclip")  # doctest: +SKIP
 >>> seg.set_image("photo.jpg")  # doctest: +SKIP
 >>> seg.predict("sky; person, person in shirt; tree").overlay().save("overlay.png")  # doctest: +SKIP
+
+``import ovdense`` is light: torch, open_clip and timm load on first use of a name that needs them.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .errors import OvdenseError
-from .predictor import SegmentationResult, Segmenter
 from .presets import list_methods
-from .weights import list_models
 
 __version__ = "0.1.0"
 
+# Public names that need torch/open_clip, resolved on first access (PEP 562).
+_LAZY = {
+    "SegmentationResult": "predictor",
+    "Segmenter": "predictor",
+    "list_models": "weights",
+}
+
 __all__ = ["OvdenseError", "SegmentationResult", "Segmenter", "list_methods", "list_models"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

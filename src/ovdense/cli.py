@@ -1,21 +1,30 @@
-"""Command line: ``ovdense segment | eval | eval-regions | convert | list-models | list-methods``.
+"""Command line: ``ovdense segment | eval | eval-regions | train | convert | list-models | list-methods``.
 
-Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA...)
-prints one line on stderr and exits 2, before anything is written to ``--out``.
+Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA, an ``--out``
+that cannot be written...) prints one line on stderr and exits 2, before anything is written to ``--out``.
+Warnings are one line each (``ovdense: warning: ...``). This module imports torch, open_clip and timm only
+inside the commands that need them, so ``--help``, ``list-methods`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import OvdenseError
+from . import __version__
+from .errors import OvdenseError, RandomWeightsWarning
+from .presets import DATASETS, METHODS
 
 EXIT_USAGE = 2
 
 
 def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -> None:
+    from .precision import PRECISIONS
+    from .presets import DECLIP_MODES
+
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
@@ -25,29 +34,47 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -
         help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
     )
     g.add_argument(
-        "--method", default="sclip", help="sclip, naclip, clearclip, declip, maskclip, clip (default %(default)s)"
+        "--method", default="sclip", choices=list(METHODS), help="dense head and its authors' settings (default sclip)"
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: fp16 autocast on CUDA (as the references), fp32 on the CPU",
+    )
     g.add_argument(
         "--declip-mode",
         default=None,
-        choices=("csa", "qq"),
+        choices=DECLIP_MODES,
         help="DeCLIP head attention (default csa; DeCLIP's released training and region numbers use qq)",
     )
-    g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass")
-    g.add_argument("--text-cache", default=None, help="text-embedding cache dir ('off' disables)")
+    g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass (default 16)")
+    g.add_argument(
+        "--text-cache", default=None, help="text-embedding cache dir ('off' disables; default $OVDENSE_CACHE/text)"
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
+    )
     if not preset_overrides:
         return
     o = p.add_argument_group("preset overrides (default: the method's published settings)")
-    o.add_argument("--short-side", type=int, default=None)
-    o.add_argument("--long-side", type=int, default=None)
+    o.add_argument("--short-side", type=int, default=None, help="resize so the short side is at most this (mmseg rule)")
+    o.add_argument("--long-side", type=int, default=None, help="... and the long side at most this")
     o.add_argument("--crop", type=int, default=None, help="window size in pixels, 0 = whole image")
-    o.add_argument("--stride", type=int, default=None)
-    o.add_argument("--logit-scale", type=float, default=None)
+    o.add_argument("--stride", type=int, default=None, help="window stride in pixels")
+    o.add_argument("--logit-scale", type=float, default=None, help="multiplies the cosine maps before the softmax")
     o.add_argument("--prob-thd", type=float, default=None, help="pixels below it become class 0 (background)")
-    o.add_argument("--area-thd", type=float, default=None)
-    o.add_argument("--pamr", default=None, choices=("on", "off"))
+    o.add_argument(
+        "--area-thd",
+        type=float,
+        default=None,
+        help="drop classes predicted on at most this fraction of the foreground (SCLIP's VOC21 rule)",
+    )
+    o.add_argument("--pamr", default=None, choices=("on", "off"), help="PAMR refinement of the cosine maps (NACLIP)")
 
 
 def _preset_overrides(args) -> dict:
@@ -72,37 +99,77 @@ def _default_pretrained(args) -> str | None:
 
 
 def _read_classes(args) -> list[list[str]]:
-    from .text import parse_class_string, read_class_file
+    from .classes import parse_class_string, read_class_file
+    from .errors import first_line
 
     if args.classes and args.classes_file:
         raise OvdenseError("give --classes or --classes-file, not both")
+    if args.classes is None and not args.classes_file:
+        raise OvdenseError('no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file')
     try:
-        if args.classes_file:
-            return read_class_file(args.classes_file)
-        if args.classes is None:
-            raise OvdenseError('no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file')
-        return parse_class_string(args.classes)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise OvdenseError(str(err).splitlines()[0]) from None
+        # Checked here, before any model loads; its warnings come once, when the segmenter takes the list.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return read_class_file(args.classes_file) if args.classes_file else parse_class_string(args.classes)
+    except (ValueError, OSError) as err:
+        raise OvdenseError(first_line(err)) from None
 
 
 def _check_images(paths: list[str]) -> list[Path]:
     """Decode every image before anything is written, so a bad file stops the run with nothing half-done."""
-    from .predictor import load_image
+    from .images import decode_image
 
     for raw in paths:
-        load_image(raw)
+        decode_image(raw)
     return [Path(p) for p in paths]
 
 
-def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        stems.append(p.stem if n == 0 else f"{p.stem}_{n}")
-    return stems
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names, one per input, that never collide (compared without case, as some file systems do).
+
+    A file's stem where it is unique; else, for files in different folders, the stem prefixed by as many
+    parent folders as it takes (``d1/x.jpg``, ``d2/x.jpg`` -> ``d1_x``, ``d2_x``); for files in one folder, the
+    extension (``x.jpg``, ``x.png`` -> ``x_jpg``, ``x_png``); for the same file twice, a counter.
+    """
+    full = [Path(os.path.abspath(p)) for p in paths]
+    depth = [0] * len(full)
+    with_suffix = [False] * len(full)
+
+    def name(i: int) -> str:
+        folders = full[i].parent.parts[1:]  # without the root
+        prefix = list(folders[len(folders) - depth[i] :]) if depth[i] else []
+        return "_".join([*prefix, full[i].name.replace(".", "_") if with_suffix[i] else full[i].stem])
+
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i in range(len(full)):
+            groups.setdefault(name(i).casefold(), []).append(i)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return [name(i) for i in range(len(full))]
+        grown = False
+        for group in clashes:
+            can_grow = [i for i in group if depth[i] < len(full[i].parent.parts) - 1]
+            if len({full[i].parent for i in group}) > 1 and can_grow:
+                for i in can_grow:
+                    depth[i] += 1
+                grown = True
+            elif not all(with_suffix[i] for i in group):
+                for i in group:
+                    with_suffix[i] = True
+                grown = True
+        if not grown:
+            break
+    names: list[str] = []
+    seen: set[str] = set()
+    for i in range(len(full)):
+        candidate, n = name(i), 1
+        while candidate.casefold() in seen:
+            n += 1
+            candidate = f"{name(i)}_{n}"
+        seen.add(candidate.casefold())
+        names.append(candidate)
+    return names
 
 
 def _warn_test_model(name: str) -> None:
@@ -115,28 +182,31 @@ def _warn_test_model(name: str) -> None:
 
 
 def cmd_segment(args) -> int:
+    import json
+
     from tqdm import tqdm
 
-    from .fileio import write_json_atomic
-    from .viz import save_image_atomic, save_label_png
+    from .fileio import check_output_dir, write_group_atomic
+    from .viz import MAX_PALETTE, label_image
 
+    _apply_max_pixels(args)
     classes = _read_classes(args)
+    if len(classes) > MAX_PALETTE:
+        raise OvdenseError(f"{len(classes)} classes: a label PNG colours at most {MAX_PALETTE}")
+    out = check_output_dir(args.out)
     images = _check_images(args.images)
+    stems = unique_stems(images)
+    renamed = [f"{p} -> {stem}" for p, stem in zip(images, stems, strict=True) if stem != p.stem]
+    if renamed:
+        print(f"note: images share file names; writing them as: {', '.join(renamed)}", file=sys.stderr)
     preset = _resolve_preset(args, args.dataset)
     loaded = _load_for_cli(args)
     seg = _segmenter(args, loaded, preset)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OvdenseError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     seg.text_classifier(classes)  # text first: one bar, and errors before any image work
-    for path, stem in tqdm(
-        list(zip(images, _unique_stems(images), strict=True)), desc="segment", unit="img", disable=None
-    ):
+    for path, stem in tqdm(list(zip(images, stems, strict=True)), desc="segment", unit="img", disable=None):
         seg.set_image(path)
         result = seg.predict(classes)
-        save_image_atomic(result.overlay(alpha=args.alpha), out / f"{stem}_overlay.png")
-        save_label_png(result.labels, out / f"{stem}_labels.png")
         summary = {
             "image": str(path),
             "size": list(result.labels.shape),
@@ -147,9 +217,29 @@ def cmd_segment(args) -> int:
             "areas": result.areas(),
             "settings": result.settings,
         }
-        write_json_atomic(summary, out / f"{stem}.json")
+        overlay, labels = result.overlay(alpha=args.alpha), label_image(result.labels)
+        data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        # The three files of an image appear together or not at all, also on Ctrl-C.
+        write_group_atomic(
+            {
+                out / f"{stem}_overlay.png": lambda f, im=overlay: im.save(f, format="PNG"),
+                out / f"{stem}_labels.png": lambda f, im=labels: im.save(f, format="PNG"),
+                out / f"{stem}.json": lambda f, data=data: f.write(data),
+            }
+        )
     print(f"wrote {len(images)} overlay(s), label map(s) and JSON summaries to {out}", file=sys.stderr)
     return 0
+
+
+def _apply_max_pixels(args) -> None:
+    if getattr(args, "max_pixels", None) is None:
+        return
+    if args.max_pixels < 0:
+        raise OvdenseError("--max-pixels must be >= 0 (0 = no limit)")
+    from .images import MAX_PIXELS_ENV
+
+    # Through the environment, so DataLoader workers (forked or spawned) decode under the same limit.
+    os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
 
 
 def _load_for_cli(args, verbose: bool = True):
@@ -175,7 +265,7 @@ def _resolve_preset(args, dataset: str | None):
     if mode is not None:
         if args.method != "declip":
             raise OvdenseError(f"--declip-mode applies to --method declip, not {args.method}")
-        overrides["head_kwargs"] = {"mode": mode}
+        overrides["mode"] = mode
     try:
         return get_preset(args.method, dataset, **overrides)
     except ValueError as err:
@@ -198,13 +288,25 @@ def _segmenter(args, loaded, preset):
 def cmd_eval(args) -> int:
     from .eval.datasets import DATASETS, get_dataset
     from .eval.runner import evaluate, init_distributed_from_env, metrics_table, write_results
+    from .fileio import check_output_dir
 
     if bool(args.all) == bool(args.dataset):
         raise OvdenseError("give --dataset NAME or --all")
     if args.limit is not None and args.limit < 1:
         raise OvdenseError("--limit must be >= 1")
+    _apply_max_pixels(args)
+    out = check_output_dir(args.out)
     names = list(DATASETS) if args.all else [args.dataset]
-    datasets = [get_dataset(name, args.data_root) for name in names]  # every path checked before any work
+    datasets, missing = [], []
+    for name in names:  # every path checked before any work, every problem named at once
+        try:
+            datasets.append(get_dataset(name, args.data_root))
+        except OvdenseError as err:
+            missing.append(str(err))
+    if len(names) == 1 and missing:
+        raise OvdenseError(missing[0])
+    if missing:
+        raise OvdenseError(f"{len(missing)} of {len(names)} datasets cannot be read: " + " | ".join(missing))
     presets = [_resolve_preset(args, name) for name in names]
     info = init_distributed_from_env(args.device)
     device = args.device
@@ -212,7 +314,6 @@ def cmd_eval(args) -> int:
         device = f"cuda:{info.local_rank}"
     args.device = device
     loaded = _load_for_cli(args, verbose=info.is_main)
-    out = Path(args.out)
     model_tag = args.model if not args.checkpoint else Path(args.checkpoint).stem
     results = {}
     for dataset, preset in zip(datasets, presets, strict=True):
@@ -234,9 +335,13 @@ def cmd_eval(args) -> int:
                 "preset": preset.to_dict(),
                 "processes": info.world_size,
             }
-            write_results(metrics, out, f"{stem}_{model_tag}".replace("/", "-"), settings)
+            written = write_results(metrics, out, f"{stem}_{model_tag}".replace("/", "-"), settings)
+            if save_dir is not None:
+                written.append(save_dir)
+            print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     if args.all and info.is_main:
-        _print_paper_row(results, datasets, out, args.method)
+        written = _print_paper_row(results, datasets, out, args.method)
+        print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 
@@ -244,12 +349,17 @@ def cmd_eval_regions(args) -> int:
     from .eval.panoptic import CocoPanoptic
     from .eval.regions import evaluate_regions, regions_table, write_region_results
     from .eval.runner import init_distributed_from_env
+    from .fileio import check_output_dir
 
     if args.limit is not None and args.limit < 1:
         raise OvdenseError("--limit must be >= 1")
     if args.image_size is not None and args.image_size < 1:
         raise OvdenseError("--image-size must be >= 1")
+    _apply_max_pixels(args)
+    check_output_dir(args.out)
     dataset = CocoPanoptic(args.data_root, split=args.split)  # paths checked before any model work
+    if len(dataset) == 0:
+        raise OvdenseError(f"{args.data_root}: the {args.split} panoptic annotations list no images")
     preset = _resolve_preset(args, None)
     info = init_distributed_from_env(args.device)
     if args.device is None and info.world_size > 1 and _cuda_available():
@@ -351,7 +461,7 @@ def _train_parser(sub) -> None:
             "weight_decay": "AdamW weight decay (not on biases, norms, logit_scale)",
             "warmup_steps": "linear warm-up steps before the cosine",
             "seed": "seed of the data order, grid draws and SD noise",
-            "log_every": "log.csv / TensorBoard row every N steps",
+            "log_every": "log.csv / TensorBoard row (and, off a terminal, a progress line) every N steps",
             "val_image_size": "detection input side of the validation",
         }
     )
@@ -381,14 +491,17 @@ _OBJECTIVE_FIELDS = {
 def _train_flags(p, helps: dict, objective: str) -> None:
     import dataclasses
 
-    from .train.config import TrainConfig
+    from .train.config import CHOICES, TrainConfig
 
     others = set().union(*(v for k, v in _OBJECTIVE_FIELDS.items() if k != objective))
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("objective", "extra") or f.name in others:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": None, "help": helps.get(f.name)}
+        text = helps[f.name]  # every flag has a help line (KeyError here is a bug in this table)
+        if f.default is not None and f.default != "" and not isinstance(f.default, bool):
+            text += f" (default: {f.default})"
+        kw = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",) or isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", **kw)
         elif f.name == "betas":
@@ -400,6 +513,8 @@ def _train_flags(p, helps: dict, objective: str) -> None:
                 kind = int
             elif f.name == "eps":
                 kind = float
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
             p.add_argument(flag, type=kind, required=f.name in ("data", "out"), **kw)
     p.set_defaults(func=cmd_train)
 
@@ -439,7 +554,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_paper_row(results, datasets, out: Path, method: str) -> None:
+def _print_paper_row(results, datasets, out: Path, method: str) -> list[Path]:
     from .eval.datasets import PAPER_COLUMNS
     from .fileio import write_atomic, write_json_atomic
 
@@ -450,11 +565,10 @@ def _print_paper_row(results, datasets, out: Path, method: str) -> None:
     row = f"| {method} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {avg:.1f} |"
     table = "\n".join([header, "|" + "---|" * (len(titles) + 2), row])
     print("\n" + table)
-    write_atomic(out / f"summary_{method}.md", lambda f: f.write((table + "\n").encode()))
-    write_json_atomic(
-        {**{d.spec.name: results[d.spec.name].miou for d in datasets}, "avg": avg},
-        out / f"summary_{method}.json",
-    )
+    md, js = out / f"summary_{method}.md", out / f"summary_{method}.json"
+    write_atomic(md, lambda f: f.write((table + "\n").encode()))
+    write_json_atomic({**{d.spec.name: results[d.spec.name].miou for d in datasets}, "avg": avg}, js)
+    return [md, js]
 
 
 def _cuda_available() -> bool:
@@ -477,40 +591,33 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_list_methods(args) -> int:
-    from .heads import HEADS
-    from .presets import METHODS
-
-    for name, (base, per_dataset) in METHODS.items():
-        head = HEADS[base["head"]]
-        extra = f" (datasets with own settings: {', '.join(per_dataset)})" if per_dataset else ""
-        print(f"{name}\t{head.summary}{extra}")
+    for name, spec in METHODS.items():
+        extra = f" (datasets with own settings: {', '.join(spec.datasets)})" if spec.datasets else ""
+        print(f"{name}\t{spec.summary}{extra}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovdense", description="Dense open-vocabulary perception with CLIP.")
+    parser.add_argument("--version", action="version", version=f"ovdense {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment images with any class names; writes overlays, label PNGs, JSON")
-    seg.add_argument("images", nargs="+", metavar="IMAGE")
+    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     seg.add_argument("--classes", default=None, help='"sky; person, person in shirt; tree" (; between classes)')
     seg.add_argument("--classes-file", default=None, help="one class per line, names separated by ', '")
     seg.add_argument("--out", required=True, help="output directory")
-    seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    seg.add_argument("--dataset", default=None, help="use the method's settings for this benchmark (e.g. voc21)")
+    seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    seg.add_argument("--dataset", default=None, choices=DATASETS, help="use the method's settings for this benchmark")
     _add_model_args(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
-    ev.add_argument(
-        "--dataset",
-        default=None,
-        help="voc21, context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k",
-    )
+    ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
     ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")
     ev.add_argument("--data-root", default="data", help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
-    ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON)")
+    ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON; default results)")
     ev.add_argument("--save-predictions", action="store_true", help="also write label PNGs and overlays")
-    ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
     er = sub.add_parser("eval-regions", help="region classification on COCO panoptic (boxes, masks, crops)")
@@ -521,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--crops", action="store_true", help="also score the crop baseline (vanilla tower)")
     er.add_argument("--out", default="results/regions", help="where metrics.json and the tables go")
     er.add_argument("--save-predictions", action="store_true", help="also write regions.jsonl")
-    er.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    er.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
     _add_model_args(er, preset_overrides=False)
     er.set_defaults(func=cmd_eval_regions, method="declip")
     from .eval.convert import register_cli
@@ -535,17 +642,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"ovdense: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except OvdenseError as err:
-        print(f"ovdense: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("ovdense: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        # The command prints its own banner for random test models.
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        try:
+            return args.func(args)
+        except OvdenseError as err:
+            print(f"ovdense: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("ovdense: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -7,3 +7,19 @@ class OvdenseError(Exception):
 
 class InvalidArgumentError(OvdenseError, ValueError):
     """A Python API argument with the wrong shape or values; the message names the argument."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A random test architecture was loaded: its outputs are meaningless (warned once per name and process)."""
+
+
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error (or its type name), shortened at a word boundary to ``limit``
+    characters, for quoting another library's error inside a one-line message."""
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else type(err).__name__
+    if len(line) <= limit:
+        return line
+    head = line[: limit + 1]
+    cut = head.rsplit(" ", 1)[0].rstrip(" ,;:") if " " in head else ""
+    return (cut if len(cut) > limit // 2 else line[:limit]) + " ..."

@@ -1,10 +1,15 @@
-"""Files written whole or not at all: a temp file beside the target, then ``os.replace``."""
+"""Files written whole or not at all (a temp file beside the target, then ``os.replace``), and output folders
+checked before work starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
+import tempfile
+import threading
 from pathlib import Path
 
 
@@ -42,3 +47,101 @@ def write_json_atomic(obj, path) -> None:
     """Write ``obj`` as indented JSON (UTF-8, trailing newline) atomically."""
     data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     write_atomic(path, lambda f: f.write(data))
+
+
+def check_output_dir(path, flag: str = "--out") -> Path:
+    """Check, before any work starts, that ``path`` is (or can become) a folder this process can write into.
+
+    Nothing is created: the nearest existing folder on the way is probed by creating and removing a temp
+    file in it, which also catches read-only file systems (where permission bits say nothing, e.g. as root).
+
+    Raises:
+        OvdenseError: ``path`` (or a parent) exists and is not a folder, or cannot be written.
+    """
+    from .errors import OvdenseError
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "exists and is not a folder" if probe == path else f"cannot be created: {probe} is a file"
+        raise OvdenseError(f"{flag} {path} {what}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ovdense-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise OvdenseError(f"{flag} {path} cannot be written ({err.strerror or err}: {probe})") from None
+    return path
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, so a group of renames completes or never starts.
+
+    Outside the main thread (where signal handlers cannot be set) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def write_group_atomic(files: dict) -> None:
+    """Write several files so that they appear together or not at all (as far as one process can tell).
+
+    Args:
+        files: ``{path: write}``, each ``write(file_object)`` as for :func:`write_atomic`.
+
+    Every file is written to a temp file beside its target first; the renames then run with Ctrl-C held
+    (:func:`interrupts_deferred`). A failure before the renames leaves none of the targets changed.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+            with open(tmp, "xb") as f:
+                staged.append((tmp, path))
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        with interrupts_deferred():
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            staged = []
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def fsync_dir(path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable: ``fsync`` on the folder.
+
+    A renamed file's data is on disk after ``os.fsync`` of the file, but its new name only after the folder's
+    own fsync. Windows cannot open a folder for this and journals names itself: a no-op there.
+    """
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_durable(path, write) -> None:
+    """:func:`write_atomic`, then :func:`fsync_dir` of the parent, so the new file survives a power cut too."""
+    write_atomic(path, write)
+    fsync_dir(Path(path).parent)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import OvdenseError
+
+if TYPE_CHECKING:  # the CLI reads PRECISIONS without loading torch
+    import torch
 
 __all__ = ["PRECISIONS", "amp_dtype", "autocast", "check_precision"]
 
@@ -27,6 +29,8 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     ``auto`` on CUDA is fp16, the precision every reference runs the image tower in (and DeCLIP trains with).
     """
+    import torch
+
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16 if precision == "bf16" else torch.float16
@@ -34,6 +38,8 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(precision: str, device: torch.device):
     """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    import torch
+
     dtype = amp_dtype(precision, device)
     if dtype is None:
         return contextlib.nullcontext()

@@ -2,60 +2,51 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from . import regions
+from .classes import normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, create_head
+from .images import as_rgb8_array, decode_image
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
 from .pamr import pamr
 from .precision import autocast, check_precision
 from .presets import Preset, get_preset
 from .regions import RegionResult
-from .text import (
-    DETECTION_TEMPLATES,
-    OPENAI_TEMPLATES,
-    TextClassifier,
-    build_text_classifier,
-    parse_class_string,
-    validate_classes,
-)
+from .text import DETECTION_TEMPLATES, OPENAI_TEMPLATES, TextClassifier, classifier_of
 from .weights import LoadedModel, load_model
 
 
 def load_image(image) -> np.ndarray:
-    """An image as H x W x 3 uint8 RGB from a path, a PIL image or an array.
+    """An image as H x W x 3 uint8 RGB, as a viewer shows it (see :mod:`ovdense.images`).
+
+    Args:
+        image: a path, encoded bytes, a PIL image (EXIF orientation applied to both) or an array
+            (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8, uint16 or bool).
 
     Raises:
-        OvdenseError: missing or unreadable file, or an array of the wrong shape.
+        OvdenseError: missing or unreadable file, an image over the pixel limit, or an unsupported array.
     """
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise OvdenseError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                # mmseg decodes with cv2, which applies the EXIF orientation; so do we.
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise OvdenseError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise OvdenseError(f"expected an H x W x 3 image array, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise OvdenseError(f"expected a uint8 image array, got {arr.dtype}")
-    return np.ascontiguousarray(arr[..., :3])
+    if isinstance(image, (str, Path, bytes, bytearray, memoryview, Image.Image)):
+        return decode_image(image)
+    return as_rgb8_array(image)
+
+
+def _as_key(classes) -> tuple | None:
+    """A hashable form of a class-list argument as given (``None`` when it has none)."""
+    if isinstance(classes, str):
+        return ("str", classes)
+    try:
+        return ("list", tuple(c if isinstance(c, str) else tuple(c) for c in classes))
+    except TypeError:
+        return None
 
 
 def pixel_stats(values) -> list[float]:
@@ -68,41 +59,21 @@ def pixel_stats(values) -> list[float]:
     return [round(255.0 * v, 3) for v in values]
 
 
-def normalise_classes(classes) -> list[list[str]]:
-    """Accept ``"a; b, c"``, ``["a", "b, c"]`` or ``[["a"], ["b", "c"]]`` -> ``[["a"], ["b", "c"]]``.
-
-    A string is a class string (``;`` between classes, ``,`` between names); in a list, a string item is
-    one class whose names are separated by ``,``, and a list item is one class's names, taken verbatim.
-
-    Raises:
-        InvalidArgumentError: an empty list, an empty class or name, a duplicate name or class.
-    """
-    try:
-        if isinstance(classes, str):
-            return parse_class_string(classes)
-        if classes is None:
-            raise ValueError("the class list is empty")
-        items = [c.split(",") if isinstance(c, str) else c for c in classes]
-        return validate_classes(items)
-    except ValueError as err:
-        raise InvalidArgumentError(f"classes: {err}") from None
-
-
 @dataclass
 class SegmentationResult:
     """The segmentation of one image.
 
     Attributes:
-        labels: H x W int64 class indices into ``class_names``.
-        logits: C x H x W class probabilities (softmax over all names, max over each class's names,
-            after area_thd), at the original image size.
+        labels: H x W int64 numpy array of class indices into ``class_names``.
+        probs: C x H x W float32 numpy array of class probabilities (softmax over all names, max over each
+            class's names, after area_thd), at the original image size.
         class_names: the classes, each a list of names (the first one is shown).
         image: the H x W x 3 uint8 input.
         settings: the resolved preset.
     """
 
     labels: np.ndarray
-    logits: torch.Tensor
+    probs: np.ndarray
     class_names: list[list[str]]
     image: np.ndarray
     settings: dict = field(default_factory=dict)
@@ -179,7 +150,7 @@ class Segmenter:
         precision: str = "auto",
         window_batch: int = 16,
         text_cache_dir=None,
-        **preset_overrides,
+        **options,
     ) -> Segmenter:
         """Load weights and a method preset.
 
@@ -187,19 +158,24 @@ class Segmenter:
             model_name: open_clip architecture, ``hf-hub:org/repo`` or a test arch.
             pretrained: open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...).
             checkpoint: a local weights file (see :func:`ovdense.weights.load_model`).
-            method: ``sclip``, ``naclip``, ``clearclip``, ``declip``, ``maskclip`` or ``clip``.
+            method: one of :func:`ovdense.list_methods` (``sclip``, ``naclip``, ``declip``...).
             dataset: use the method's settings for this benchmark (e.g. ``voc21``).
             device: ``cpu``, ``cuda``...; default CUDA when available.
             precision: ``auto`` (fp16 autocast on CUDA as the references, fp32 on CPU), ``fp32``, ``fp16``,
                 ``bf16``.
             window_batch: sliding windows per forward pass (bounds memory).
             text_cache_dir: where text embeddings are cached (``False`` disables).
-            preset_overrides: any :class:`ovdense.presets.Preset` field (``crop=448``, ``prob_thd=0.3``...).
+            options: the method's options (``mode="qq"`` for ``declip``) and any
+                :class:`ovdense.presets.Preset` setting (``crop=448``, ``prob_thd=0.3``...).
+
+        Raises:
+            OvdenseError: unknown method, dataset, setting or option (checked before the weights load), or
+                weights that cannot be loaded.
         """
         try:
-            preset = get_preset(method, dataset, **preset_overrides)
+            preset = get_preset(method, dataset, **options)
         except ValueError as err:
-            raise OvdenseError(str(err)) from None
+            raise InvalidArgumentError(str(err)) from None
         loaded = load_model(model_name, pretrained=pretrained, checkpoint=checkpoint, device=device)
         device = next(loaded.model.parameters()).device
         return cls(loaded, preset, device, precision, window_batch, text_cache_dir)
@@ -220,7 +196,7 @@ class Segmenter:
         :meth:`classify_regions` over the detection-size input; later calls reuse those features.
 
         Args:
-            image: a path, a PIL image or an H x W x 3 uint8 RGB array.
+            image: a path, a PIL image or an array (see :func:`load_image`).
         """
         img = load_image(image)
         p = self.preset
@@ -245,20 +221,23 @@ class Segmenter:
             classes: see :meth:`predict`.
             templates: prompt templates; default the segmenter's (the 80 OpenAI ImageNet templates).
         """
-        parsed = normalise_classes(classes)
         templates = tuple(self.templates if templates is None else templates)
+        raw = _as_key(classes)
+        if raw is not None and (raw, templates) in self._text:  # the same input again: checked (and warned) once
+            return self._text[raw, templates]
+        parsed = normalise_classes(classes)
         key = (tuple(tuple(c) for c in parsed), templates)
         if key not in self._text:
-            with warnings.catch_warnings():  # normalise_classes has already warned about this class list
-                warnings.simplefilter("ignore", UserWarning)
-                self._text[key] = build_text_classifier(
-                    self.loaded.model,
-                    self.loaded.tokenizer,
-                    parsed,
-                    templates=templates,
-                    cache_dir=self.text_cache_dir,
-                    device=self.device,
-                )
+            self._text[key] = classifier_of(
+                self.loaded.model,
+                self.loaded.tokenizer,
+                parsed,
+                templates=templates,
+                cache_dir=self.text_cache_dir,
+                device=self.device,
+            )
+        if raw is not None:
+            self._text[raw, templates] = self._text[key]
         return self._text[key]
 
     @torch.no_grad()
@@ -287,7 +266,7 @@ class Segmenter:
         )
         return SegmentationResult(
             labels=labels.cpu().numpy(),
-            logits=class_probs.cpu(),
+            probs=class_probs.float().cpu().numpy(),
             class_names=text.class_names,
             image=self._image,
             settings=p.to_dict(),

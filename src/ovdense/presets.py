@@ -8,9 +8,11 @@ every dataset not listed in its overrides and to a user's own images.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 
-from .heads import HEADS
+#: Attention of the DeCLIP head: ``csa`` (q-q + k-k) or ``qq`` (q-q only; DeCLIP's released training).
+DECLIP_MODES = ("csa", "qq")
 
 DATASETS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
 
@@ -62,6 +64,19 @@ class Preset:
         return out
 
 
+@dataclass(frozen=True)
+class Method:
+    """A method: one line for ``ovdense list-methods``, its defaults and its per-dataset settings.
+
+    ``defaults`` and each ``datasets`` entry hold :class:`Preset` fields; a dataset's ``head_kwargs`` update
+    the method's rather than replace them.
+    """
+
+    summary: str
+    defaults: dict
+    datasets: dict[str, dict] = field(default_factory=dict)
+
+
 # Method defaults, then per-dataset overrides (DESIGN.md "Presets").
 _SCLIP_DATASETS = {
     "voc21": dict(logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
@@ -70,10 +85,15 @@ _SCLIP_DATASETS = {
     "coco_stuff": dict(short_side=448),
     "cityscapes": dict(short_side=560),
 }
+# Baselines share SCLIP's protocol (DESIGN: "as sclip") without its area rule.
+_BASELINE_DATASETS = {k: {kk: vv for kk, vv in v.items() if kk != "area_thd"} for k, v in _SCLIP_DATASETS.items()}
 
-METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
-    "sclip": (dict(head="sclip"), _SCLIP_DATASETS),
-    "naclip": (
+METHODS: dict[str, Method] = {
+    "sclip": Method(
+        "softmax(qq)+softmax(kk) attention, residual and FFN kept (SCLIP)", dict(head="sclip"), _SCLIP_DATASETS
+    ),
+    "naclip": Method(
+        "softmax(kk + Gaussian neighbourhood) attention, no residual, no FFN, PAMR (NACLIP)",
         dict(head="naclip", pamr=True),
         {
             "voc21": dict(crop=0, prob_thd=0.1),
@@ -83,7 +103,8 @@ METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
             "cityscapes": dict(short_side=560),
         },
     ),
-    "clearclip": (
+    "clearclip": Method(
+        "softmax(qq) attention, no residual, no FFN (ClearCLIP)",
         dict(
             head="clearclip",
             short_side=448,
@@ -100,7 +121,8 @@ METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
             "cityscapes": dict(crop=224, stride=224),
         },
     ),
-    "declip": (
+    "declip": Method(
+        "DeCLIP content head: softmax(qq)[+softmax(kk)], unscaled on EVA02, no residual/FFN (option mode=csa|qq)",
         dict(
             head="declip",
             head_kwargs={"mode": "csa"},
@@ -119,14 +141,11 @@ METHODS: dict[str, tuple[dict, dict[str, dict]]] = {
             "cityscapes": dict(short_side=560),
         },
     ),
-    # Baselines share SCLIP's protocol (DESIGN: "as sclip") without its area rule.
-    "clip": (
-        dict(head="clip"),
-        {k: {kk: vv for kk, vv in v.items() if kk != "area_thd"} for k, v in _SCLIP_DATASETS.items()},
-    ),
-    "maskclip": (
+    "clip": Method("unchanged last block (vanilla CLIP patch tokens)", dict(head="clip"), _BASELINE_DATASETS),
+    "maskclip": Method(
+        "value path out_proj(v), residual and FFN kept (MaskCLIP)",
         dict(head="maskclip", pos_rule="size"),
-        {k: {kk: vv for kk, vv in v.items() if kk != "area_thd"} for k, v in _SCLIP_DATASETS.items()},
+        _BASELINE_DATASETS,
     ),
 }
 
@@ -136,34 +155,61 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
+def head_options(head: str) -> dict[str, object]:
+    """The keyword options of a dense head and their defaults (e.g. ``{"mode": "csa"}`` for ``declip``)."""
+    from .heads import HEADS
+
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; available: {', '.join(HEADS)}")
+    params = inspect.signature(HEADS[head].__init__).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p.default for n, p in params.items() if n != "self" and p.kind in keyword}
+
+
 def get_preset(method: str, dataset: str | None = None, **overrides) -> Preset:
     """Resolve a method's settings for a dataset, then apply explicit overrides.
 
     Args:
         method: one of :func:`list_methods`.
         dataset: one of :data:`DATASETS` or ``None`` for a user's own images.
-        overrides: any :class:`Preset` field; ``None`` values are ignored (unset CLI flags).
+        overrides: any :class:`Preset` field, or an option of the method's head (``mode="qq"`` for
+            ``declip``); ``None`` values are ignored (unset CLI flags).
 
     Raises:
-        ValueError: unknown method, dataset or field.
+        ValueError: unknown method, dataset, setting or option.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
-    base, per_dataset = METHODS[method]
-    values = dict(base)
+    spec = METHODS[method]
+    values = dict(spec.defaults)
+    head_kwargs = dict(values.get("head_kwargs", {}))
     if dataset is not None:
-        values.update(per_dataset.get(dataset, {}))
+        per_dataset = dict(spec.datasets.get(dataset, {}))
+        head_kwargs.update(per_dataset.pop("head_kwargs", {}))
+        values.update(per_dataset)
+    head_kwargs.update(overrides.pop("head_kwargs", None) or {})
     fields = {f.name for f in dataclasses.fields(Preset)}
+    options = head_options(values["head"])
     for key, value in overrides.items():
-        if key not in fields:
-            raise ValueError(f"unknown preset setting {key!r}")
-        if value is not None:
+        if value is None:
+            continue
+        if key in fields:
             values[key] = value
+        elif key in options:
+            head_kwargs[key] = value
+        else:
+            known = ", ".join(sorted(options)) or "none"
+            raise ValueError(
+                f"method {method!r} has no setting or option {key!r} (its head's options: {known}; "
+                f"settings: {', '.join(sorted(fields - {'method', 'head', 'head_kwargs'}))})"
+            )
+    values["head_kwargs"] = head_kwargs
     preset = Preset(method=method, **values)
-    if preset.head not in HEADS:
-        raise ValueError(f"preset {method!r} names unknown head {preset.head!r}")
+    from .heads import create_head
+
+    create_head(preset.head, **preset.head_kwargs)  # an option's value is checked by its head (ValueError)
     if preset.crop < 0 or preset.stride <= 0:
         raise ValueError(f"crop must be >= 0 and stride > 0 (got crop={preset.crop}, stride={preset.stride})")
     return preset

@@ -29,6 +29,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
+from .classes import parse_class_string, validate_classes
 from .fileio import write_atomic
 
 __all__ = [
@@ -37,13 +38,13 @@ __all__ = [
     "OPENAI_TEMPLATES",
     "TextClassifier",
     "build_text_classifier",
+    "classifier_of",
     "default_cache_dir",
+    "embeddings_digest",
     "encode_prompts",
     "flatten_classes",
-    "parse_class_string",
-    "read_class_file",
+    "text_embeddings",
     "text_tower_digest",
-    "validate_classes",
 ]
 
 OPENAI_TEMPLATES: tuple = tuple(OPENAI_IMAGENET_TEMPLATES)
@@ -153,97 +154,10 @@ DETECTION_TEMPLATES: tuple[DetectionTemplate, ...] = tuple(
 """The 63 ViLD templates of the region-classification protocol (CLIPSelf, DeCLIP, SCD)."""
 
 # Bump when the cached quantity or its file layout changes, so old files are never reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _TRUNCATABLE_POOLS = ("argmax", "eos")
 _PROGRESS_MIN_BATCHES = 5
 _CLIP_TEXT_ATTRS = ("token_embedding", "positional_embedding", "transformer", "ln_final")
-
-
-# -- class lists -------------------------------------------------------------------------------------
-
-
-def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[list[str]]:
-    """Check a list of name lists and strip the names.
-
-    Raises:
-        ValueError: an empty list, an empty class or name, a name twice in a class, or a class twice.
-    """
-    prefix = f"{where}: " if where else ""
-    if isinstance(classes, str) or not isinstance(classes, Sequence):
-        raise ValueError(f"{prefix}classes must be a list of name lists, got {type(classes).__name__}")
-    if len(classes) == 0:
-        raise ValueError(f"{prefix}the class list is empty")
-    out: list[list[str]] = []
-    seen: dict[str, int] = {}
-    classes_seen: dict[frozenset, int] = {}
-    for ci, names in enumerate(classes):
-        if isinstance(names, str) or not isinstance(names, Sequence):
-            raise ValueError(f"{prefix}class {ci} must be a list of names, got {type(names).__name__}")
-        if len(names) == 0:
-            raise ValueError(f"{prefix}class {ci} has no names")
-        cleaned = []
-        for name in names:
-            if not isinstance(name, str):
-                raise ValueError(f"{prefix}class {ci}: names must be strings, got {type(name).__name__}")
-            name = name.strip()
-            if not name:
-                raise ValueError(f"{prefix}class {ci} has an empty name")
-            if name in cleaned:
-                raise ValueError(f"{prefix}duplicate name {name!r} in class {ci}")
-            cleaned.append(name)
-        key = frozenset(cleaned)
-        if key in classes_seen:
-            raise ValueError(f"{prefix}duplicate class {cleaned[0]!r} (classes {classes_seen[key]} and {ci})")
-        classes_seen[key] = ci
-        # A name may stand in two classes (SCLIP's COCO-Object lists 'bed' among the background words and
-        # as a class): both entries take part in the softmax, and the earlier class wins the tie.
-        if all(name in seen for name in cleaned):
-            warnings.warn(
-                f"{prefix}class {ci} ({cleaned[0]!r}) can never be predicted: each of its names also belongs "
-                f"to an earlier class, which wins ties",
-                stacklevel=3,
-            )
-        for name in cleaned:
-            seen.setdefault(name, ci)
-        out.append(cleaned)
-    return out
-
-
-def parse_class_string(text: str) -> list[list[str]]:
-    """Parse a class string: ``"sky; person, person in shirt; tree"`` gives
-    ``[["sky"], ["person", "person in shirt"], ["tree"]]``.
-
-    ``;`` separates classes and ``,`` separates the names (synonyms) of one class; whitespace is stripped.
-
-    Raises:
-        ValueError: empty list, an empty class or name, or a name that appears twice.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"expected a class string, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("the class list is empty")
-    classes = []
-    for ci, chunk in enumerate(text.split(";")):
-        if not chunk.strip():
-            raise ValueError(f"class {ci} is empty in {text!r} (stray ';'?)")
-        classes.append(chunk.split(","))
-    return validate_classes(classes)
-
-
-def read_class_file(path: str | os.PathLike) -> list[list[str]]:
-    """Read a class file: one class per line, a class's names separated by commas; blank lines ignored.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: no classes, an empty name, a name twice in a class, or a class twice (names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: the class file has no classes")
-    return validate_classes([line.split(",") for line in lines], where=str(path))
 
 
 def flatten_classes(classes: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
@@ -252,7 +166,10 @@ def flatten_classes(classes: Sequence[Sequence[str]]) -> tuple[list[str], torch.
     Returns:
         ``(names, name_to_class)``: N names and an int64 tensor of shape (N,) with each name's class.
     """
-    classes = validate_classes(classes)
+    return _flatten(validate_classes(classes))
+
+
+def _flatten(classes: list[list[str]]) -> tuple[list[str], torch.Tensor]:
     names = [name for names in classes for name in names]
     name_to_class = torch.tensor([ci for ci, names in enumerate(classes) for _ in names], dtype=torch.long)
     return names, name_to_class
@@ -508,19 +425,33 @@ def _cache_key(digest: str, names: list[str], template_strings: list[str], conte
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def embeddings_digest(embeddings: torch.Tensor) -> str:
+    """sha256 (hex) of a float32 N x D tensor's shape and bytes: stored with a cache file, checked on read."""
+    t = embeddings.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def _load_cached(path: Path, n_names: int) -> torch.Tensor | None:
+    """The cached N x D embeddings at ``path``; None (with a warning) for a file that is unreadable or whose
+    values do not match the digest written with them, so it is recomputed and rewritten."""
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        emb = load_file(str(path))["embeddings"]
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("digest")
+            emb = f.get_tensor("embeddings")
         if emb.ndim != 2 or emb.shape[0] != n_names or emb.dtype != torch.float32:
             raise ValueError(f"unexpected embeddings {tuple(emb.shape)} {emb.dtype}")
-        if not torch.isfinite(emb).all():
-            raise ValueError("non-finite values")
-    except Exception as err:  # any unreadable cache file is simply recomputed
-        warnings.warn(f"ignoring corrupt text-embedding cache file {path} ({err}); recomputing", stacklevel=3)
+        if stored is None:
+            raise ValueError("no digest recorded")
+        if embeddings_digest(emb) != stored:
+            raise ValueError("its values do not match the digest written with them")
+    except Exception as err:  # noqa: BLE001 - any unreadable or altered cache file is recomputed
+        warnings.warn(f"text-embedding cache file {path} is damaged ({err}); recomputing it", stacklevel=4)
         return None
     return emb
 
@@ -529,9 +460,83 @@ def _save_cached(path: Path, embeddings: torch.Tensor, names: list[str]) -> None
     from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = save({"embeddings": embeddings.contiguous()}, metadata={"names": json.dumps(names)})
+    metadata = {"names": json.dumps(names), "digest": embeddings_digest(embeddings)}
+    data = save({"embeddings": embeddings.contiguous()}, metadata=metadata)
     # Atomic: concurrent readers see the old file or the complete new one, never a part.
     write_atomic(path, lambda f: f.write(data))
+
+
+#: Cache folders found unwritable in this process: warned about once, then used read-only.
+_UNWRITABLE_CACHES: set[Path] = set()
+
+
+def _resolve_cache_root(cache_dir) -> Path | None:
+    if cache_dir is False:
+        return None
+    return default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
+
+
+def text_embeddings(
+    model,
+    tokenizer,
+    names: Sequence[str],
+    templates: Sequence[Template] = OPENAI_TEMPLATES,
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None | bool = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Template-averaged embeddings of ``names``, cached on disk.
+
+    Per name: embed each template prompt, L2-normalise each, average over templates, re-normalise.
+
+    The cache file of a (text tower, names, templates, context length) carries a digest of its values; a file
+    that does not match is recomputed with a warning. A cache folder that cannot be written is warned about
+    once per process and the run goes on without writing to it.
+
+    Args:
+        model: an open_clip ``CLIP``/``CustomTextCLIP``.
+        tokenizer: its tokenizer.
+        names: N names (no checks: see :func:`ovdense.classes.validate_classes`).
+        templates: callables ``t(name) -> str`` (or ``"... {} ..."`` format strings).
+        batch_size: prompts per forward pass.
+        cache_dir: cache directory; ``None`` means :func:`default_cache_dir`, ``False`` disables caching.
+        device: where to run the text tower; default the model's device.
+
+    Returns:
+        N x D float32 on the CPU, rows L2-normalised.
+    """
+    names = list(names)
+    templates = list(templates)
+    if not templates:
+        raise ValueError("no templates")
+    root = _resolve_cache_root(cache_dir)
+    path = None
+    if root is not None:
+        template_strings = [_template_string(t) for t in templates]
+        context_length = getattr(tokenizer, "context_length", None)
+        key = _cache_key(text_tower_digest(model), names, template_strings, context_length)
+        path = root / f"{key}.safetensors"
+        cached = _load_cached(path, len(names))
+        if cached is not None:
+            return cached
+
+    prompts = [_fill(t, name) for name in names for t in templates]
+    feats = encode_prompts(model, tokenizer, prompts, batch_size=batch_size, device=device)
+    feats = F.normalize(feats.view(len(names), len(templates), -1), dim=-1)
+    embeddings = F.normalize(feats.mean(dim=1), dim=-1).cpu()
+
+    if path is not None and root not in _UNWRITABLE_CACHES:
+        try:
+            _save_cached(path, embeddings, names)
+        except OSError as err:
+            _UNWRITABLE_CACHES.add(root)
+            reason = err.strerror or str(err)
+            warnings.warn(
+                f"text-embedding cache {root} cannot be written ({reason}); running without it "
+                "(set --text-cache / OVDENSE_CACHE to a writable folder, or 'off')",
+                stacklevel=3,
+            )
+    return embeddings
 
 
 # -- classifier -------------------------------------------------------------------------------------
@@ -566,9 +571,7 @@ def build_text_classifier(
     cache_dir: str | os.PathLike | None | bool = None,
     device: str | torch.device | None = None,
 ) -> TextClassifier:
-    """Template-averaged text embeddings of every name, cached on disk.
-
-    Per name: embed each template prompt, L2-normalise each, average over templates, re-normalise.
+    """Template-averaged text embeddings of every name of a class list, cached on disk.
 
     Args:
         model: an open_clip ``CLIP``/``CustomTextCLIP``.
@@ -581,35 +584,23 @@ def build_text_classifier(
         device: where to run the text tower; default the model's device.
 
     Returns:
-        a :class:`TextClassifier` with N x D embeddings (N names over all classes).
+        a :class:`TextClassifier` with N x D embeddings (N names over all classes), see :func:`text_embeddings`.
     """
-    if isinstance(classes, str):
-        classes = parse_class_string(classes)
-    classes = validate_classes(classes)
-    names, name_to_class = flatten_classes(classes)
-    templates = list(templates)
-    if not templates:
-        raise ValueError("no templates")
+    classes = parse_class_string(classes) if isinstance(classes, str) else validate_classes(classes)
+    return classifier_of(model, tokenizer, classes, templates, batch_size, cache_dir, device)
 
-    path = None
-    if cache_dir is not False:
-        cache_root = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
-        template_strings = [_template_string(t) for t in templates]
-        context_length = getattr(tokenizer, "context_length", None)
-        key = _cache_key(text_tower_digest(model), names, template_strings, context_length)
-        path = cache_root / f"{key}.safetensors"
-        cached = _load_cached(path, len(names))
-        if cached is not None:
-            return TextClassifier(cached, name_to_class, classes)
 
-    prompts = [_fill(t, name) for name in names for t in templates]
-    feats = encode_prompts(model, tokenizer, prompts, batch_size=batch_size, device=device)
-    feats = F.normalize(feats.view(len(names), len(templates), -1), dim=-1)
-    embeddings = F.normalize(feats.mean(dim=1), dim=-1).cpu()
-
-    if path is not None:
-        try:
-            _save_cached(path, embeddings, names)
-        except OSError as err:
-            warnings.warn(f"could not write text-embedding cache {path} ({err})", stacklevel=2)
+def classifier_of(
+    model,
+    tokenizer,
+    classes: list[list[str]],
+    templates: Sequence[Template] = OPENAI_TEMPLATES,
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None | bool = None,
+    device: str | torch.device | None = None,
+) -> TextClassifier:
+    """:func:`build_text_classifier` for a class list already checked by :func:`ovdense.classes.validate_classes`
+    (so its warnings are given once)."""
+    names, name_to_class = _flatten(classes)
+    embeddings = text_embeddings(model, tokenizer, names, templates, batch_size, cache_dir, device)
     return TextClassifier(embeddings, name_to_class, classes)

@@ -19,6 +19,7 @@ from .fileio import write_atomic
 __all__ = [
     "class_areas",
     "colorize",
+    "label_image",
     "label_palette",
     "overlay",
     "save_image_atomic",
@@ -322,6 +323,12 @@ def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None) 
         palette: N x 3 uint8 colours, N <= 256 and every label < N (default: the 256-colour VOC
             palette, so 255 "void" gets its usual cream colour).
     """
+    img = label_image(labels, palette)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+def label_image(labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """A label map as a P-mode (palette) PIL image, pixel value = class index (see :func:`save_label_png`)."""
     lab = _as_labels(labels)
     pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
     if lab.size and (int(lab.min()) < 0 or int(lab.max()) > 255):
@@ -331,4 +338,4 @@ def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None) 
     _check_range(lab, len(pal), f"the palette has {len(pal)} colours")
     img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
     img.putpalette(pal.reshape(-1).tolist(), rawmode="RGB")
-    write_atomic(path, lambda f: img.save(f, format="PNG"))
+    return img

@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import socket
 import urllib.parse
+import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import torch
 from open_clip.pretrained import get_pretrained_cfg
 
 from .backbones import DenseTower, is_test_model, register_test_models, tower_for
-from .errors import OvdenseError
+from .errors import OvdenseError, RandomWeightsWarning, first_line
 
 register_test_models()
 
@@ -57,6 +61,10 @@ class LoadedModel:
     activation: str
     is_test_model: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+#: Test architectures already warned about in this process.
+_WARNED_RANDOM: set[str] = set()
 
 
 def list_models() -> list[str]:
@@ -118,17 +126,31 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
 
             return load_file(str(path), device="cpu"), "safetensors"
         if _is_torchscript_archive(path):
-            # OpenAI's releases are TorchScript archives: open_clip reads them with torch.jit.load too.
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            # OpenAI's releases are TorchScript archives: open_clip reads them with torch.jit.load too. torch
+            # deprecates TorchScript with a FutureWarning that says nothing to a user loading weights.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 sd.pop(key, None)
             return dict(sd), "openai-jit"
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except OvdenseError:
         raise
+    except pickle.UnpicklingError as err:
+        # torch's message explains how to load the file unsafely; we never do, so say what the file holds.
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise OvdenseError(
+                f"checkpoint {path} is not a weights file that loads safely: it contains Python objects "
+                f"({found.group(1)}); save its state dict of tensors, or convert it to safetensors"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text, re.S)
+        reason = first_line(detail.group(1)) if detail else "not a PyTorch weights file"
+        raise OvdenseError(f"cannot read checkpoint {path}: {reason}") from None
     except Exception as err:  # every reader raises its own type for a corrupt file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OvdenseError(f"cannot read checkpoint {path}: {first}") from None
+        raise OvdenseError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -147,11 +169,11 @@ def _summarise_mismatch(err: Exception | None, missing, unexpected, label: str) 
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if err is not None and not parts:
         lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
-        parts.append(lines[0].rstrip(".") if lines else str(err).splitlines()[0])
+        parts.append(lines[0].rstrip(".") if lines else first_line(err))
     return f"checkpoint does not fit {label}: " + "; ".join(parts)
 
 
-def _load_strict(module: torch.nn.Module, state_dict: dict, label: str) -> None:
+def load_strict(module: torch.nn.Module, state_dict: dict, label: str) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -180,15 +202,15 @@ def load_state_into(model, state_dict: dict, model_name: str, allow_missing_text
 
         visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
         # The filter renames EVA-CLIP keys (q_bias, inner_attn_ln, w1/w2/w3...) to timm's; it only
-        # resamples position tables when their size differs, which _load_strict then reports anyway.
+        # resamples position tables when their size differs, which load_strict then reports anyway.
         try:
             converted = checkpoint_filter_fn(visual, trunk)
         except Exception as err:
             raise OvdenseError(f"checkpoint does not fit {model_name}: {err}") from None
-        _load_strict(trunk, converted, f"{model_name} (image tower)")
+        load_strict(trunk, converted, f"{model_name} (image tower)")
         text = {k[len("text.") :]: v for k, v in state_dict.items() if k.startswith("text.")}
         if text:
-            _load_strict(model.text, text, f"{model_name} (text tower)")
+            load_strict(model.text, text, f"{model_name} (text tower)")
         elif not allow_missing_text:
             raise OvdenseError(
                 "checkpoint holds no text tower (text.*); also pass the base weights' tag "
@@ -202,7 +224,7 @@ def load_state_into(model, state_dict: dict, model_name: str, allow_missing_text
         sd = open_clip.model.convert_to_custom_text_state_dict(sd)
     if "logit_scale" in sd and model.logit_scale.ndim != sd["logit_scale"].ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    _load_strict(model, sd, model_name)
+    load_strict(model, sd, model_name)
     return "open_clip"
 
 
@@ -217,7 +239,7 @@ def _hub_failure(err: Exception, name: str, tag: str | None) -> OvdenseError:
     cause = err
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    first = first_line(cause)
     args = f"'{name}', pretrained='{tag}'" if tag else f"'{name}'"
     return OvdenseError(
         f"weights for {name} ({tag or 'hub repo'}) are not in the local cache and could not be downloaded "
@@ -254,7 +276,7 @@ def _create_seeded(model_name: str, quick_gelu: bool):
         return open_clip.create_model(model_name, force_quick_gelu=quick_gelu, device="cpu")
 
 
-def _hub_reachable(url: str, timeout: float = 5.0) -> str | None:
+def hub_reachable(url: str, timeout: float = 5.0) -> str | None:
     """None if a TCP connection to the URL's host opens, else the reason (DNS failure, refused...)."""
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -265,27 +287,34 @@ def _hub_reachable(url: str, timeout: float = 5.0) -> str | None:
         return f"{parts.hostname}:{port} unreachable: {err.strerror or err}"
 
 
+_DEFAULT_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _unreachable_reason(repo_id: str, files: Sequence[str]) -> str | None:
+    """None when the hub client can answer at once: one of ``files`` of ``repo_id`` is in the hub cache, or
+    offline mode is on (the client then fails without retries); else why the hub host is out of reach, if
+    it is."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files):
+        return None
+    return hub_reachable(constants.ENDPOINT)
+
+
 def _check_tag_available(model_name: str, tag: str) -> None:
     """Fail in seconds, not after the hub client's minute of retries, when weights can't be had.
 
     Weights already in the hub cache (or offline mode, where the client fails at once) pass; otherwise
     the download host must accept a connection.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
-
     cfg = get_pretrained_cfg(model_name, tag)
     hub_id = cfg.get("hf_hub", "")
     if hub_id:
         # open_clip's convention: 'org/repo/file' names a file, 'org/repo/' the default weight files.
         repo_id, filename = os.path.split(hub_id)
-        defaults = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        candidates = [filename] if filename else defaults
-        cached = any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates)
-        if constants.HF_HUB_OFFLINE or cached:
-            return
-        reason = _hub_reachable(constants.ENDPOINT)
+        reason = _unreachable_reason(repo_id, [filename] if filename else _DEFAULT_WEIGHT_FILES)
     elif cfg.get("url"):
-        reason = _hub_reachable(cfg["url"])
+        reason = hub_reachable(cfg["url"])
     else:
         return
     if reason:
@@ -293,6 +322,23 @@ def _check_tag_available(model_name: str, tag: str) -> None:
         raise OvdenseError(
             f"weights for {model_name} ({tag}) are not in the local cache and could not be downloaded "
             f"({reason}). " + _OFFLINE_HELP.format(args=args)
+        )
+
+
+def _check_hub_repo_available(model_name: str) -> None:
+    """:func:`_check_tag_available` for an ``hf-hub:org/repo`` name: its config and weights cached, or the
+    hub reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id = model_name[len("hf-hub:") :]
+    if isinstance(try_to_load_from_cache(repo_id, "open_clip_config.json"), str):
+        reason = _unreachable_reason(repo_id, _DEFAULT_WEIGHT_FILES)
+    else:
+        reason = _unreachable_reason(repo_id, ["open_clip_config.json"])
+    if reason:
+        raise OvdenseError(
+            f"weights for {model_name} (hub repo) are not in the local cache and could not be downloaded "
+            f"({reason}). " + _OFFLINE_HELP.format(args=f"'{model_name}'")
         )
 
 
@@ -333,6 +379,7 @@ def load_model(
     if hub:
         if pretrained:
             raise OvdenseError("an hf-hub: model carries its own weights; drop --pretrained")
+        _check_hub_repo_available(model_name)
         try:
             # Without require_pretrained open_clip only logs a warning when the repo's weights file cannot be
             # had, and returns a randomly initialised model.
@@ -387,6 +434,13 @@ def load_model(
             )
         model = _create_seeded(model_name, cfg_quick)
 
+    if test_arch and model_name not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(model_name)
+        warnings.warn(
+            f"{model_name} is a RANDOM test architecture: its predictions are meaningless (tests and smoke runs only)",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
     model = model.to(dev).eval()
     logging.getLogger(__name__).debug("loaded %s from %s", model_name, source)
     try:

@@ -209,6 +209,10 @@ def _run_jobs(
 ) -> None:
     from tqdm import tqdm
 
+    from ..fileio import check_output_dir
+
+    for folder in sorted({dst.parent for _, dst in jobs}):  # before any work: a folder we cannot fill
+        check_output_dir(folder, flag=f"{desc}: output folder")
     todo = []
     for src, dst in jobs:
         if dst.exists() and not overwrite:

@@ -13,8 +13,9 @@ from their ``coco_api.py``):
   with area ``w * h``; a stuff segment's box is the reference ``mask2box`` of its mask: the min and **max**
   pixel indices, ``(x0, y0, x1, y1)``, area ``(x1 - x0) * (y1 - y0)``. A segment is kept when
   ``min_size**2 <= area <= max_size**2``.
-- Images are decoded with Pillow as stored: ``convert("RGB")`` **without** applying the EXIF orientation
-  (the reference opens them with plain ``Image.open``, and the annotations use the stored pixel layout).
+- Images are decoded as stored, **without** applying the EXIF orientation (the reference opens them with plain
+  ``Image.open``, and the annotations use the stored pixel layout), by :func:`ovdense.images.decode_image`:
+  8-bit images exactly as the reference's ``convert("RGB")`` (COCO's are 8-bit RGB or greyscale JPEGs).
 
 ``data_root`` is the COCO folder: ``<split>/*.jpg``, ``annotations/panoptic_<split>.json`` and
 ``annotations/panoptic_<split>/*.png`` (``split`` is ``val2017`` by default).
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import OvdenseError
+from ..images import decode_image
 
 __all__ = ["CocoPanoptic", "PanopticSegment", "read_panoptic_ids"]
 
@@ -87,13 +89,8 @@ def read_panoptic_ids(path: str | Path) -> np.ndarray:
 
 
 def _read_image_as_stored(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")).copy()
-    except (OSError, ValueError) as err:
-        raise OvdenseError(f"cannot read image {path}: {err}") from None
+    # exif=False: the reference opens with plain Image.open and the annotations use the stored layout
+    return decode_image(path, exif=False)
 
 
 def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -155,6 +152,8 @@ class CocoPanoptic(torch.utils.data.Dataset):
         except (OSError, ValueError) as err:
             msg = " ".join(str(err).split())
             raise self._bad(f"cannot be read as JSON: {msg}") from None
+        except RecursionError:  # hostile input: arrays nested deeper than the parser's stack
+            raise self._bad("cannot be read as JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise self._bad("is not a COCO panoptic annotation file (expected a JSON object)")
         for key in ("images", "categories"):
@@ -178,10 +177,12 @@ class CocoPanoptic(torch.utils.data.Dataset):
         self._label = {c["id"]: label for label, c in enumerate(cats)}
 
         anns = data.get("annotations") or []
+        if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+            raise self._bad("has an 'annotations' entry that is not a list of objects")
         try:
-            by_image = {a["image_id"]: a for a in anns}
-        except (KeyError, TypeError) as err:
-            raise self._bad(f"has an annotation without image_id ({err!r})") from None
+            by_image = {int(a["image_id"]): a for a in anns}
+        except (KeyError, TypeError, ValueError) as err:
+            raise self._bad(f"has an annotation without a valid image_id ({err!r})") from None
         # (image_id, image file, png file, considered segments as (id, category_id, (x, y, w, h)))
         self._records: list[tuple[int, str, str, tuple[tuple[int, int, tuple[float, ...]], ...]]] = []
         for img in data["images"]:
@@ -189,7 +190,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
                 image_id, file_name = int(img["id"]), str(img["file_name"])
             except (KeyError, TypeError, ValueError) as err:
                 raise self._bad(f"has an image without a valid id and file_name ({err!r})") from None
-            ann = by_image.get(img["id"])
+            ann = by_image.get(image_id)
             png_name = file_name.replace("jpg", "png")
             segs = []
             if ann is not None:
@@ -198,7 +199,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
                     for s in (ann.get("segments_info") or [])[: self.max_segments]:
                         x, y, w, h = (float(v) for v in s["bbox"])
                         segs.append((int(s["id"]), int(s["category_id"]), (x, y, w, h)))
-                except (KeyError, TypeError, ValueError) as err:
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
                     raise self._bad(
                         f"has a segment of {file_name} without a valid id, category_id and bbox ({err!r})"
                     ) from None

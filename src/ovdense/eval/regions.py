@@ -26,7 +26,7 @@ from ..predictor import Segmenter
 from ..text import DETECTION_TEMPLATES
 from .metrics import sum_over_processes
 from .panoptic import CocoPanoptic
-from .runner import _identity_collate, _unwrap_worker_errors, dist_info, shard_indices
+from .runner import dist_info, identity_collate, shard_indices, unwrap_worker_errors
 
 __all__ = [
     "GROUPS",
@@ -185,7 +185,7 @@ def evaluate_regions(
     kinds = ("box", "mask", "crop") if crops else ("box", "mask")
     segmenter.text_classifier(classes, DETECTION_TEMPLATES)  # once, before the image loop
     indices = shard_indices(len(dataset), limit, info)
-    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=_identity_collate)
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
     acc = RegionAccuracy(len(classes), kinds)
     records: list[tuple[int, int, dict]] = []
     regions_seen = torch.zeros(2, dtype=torch.int64)  # things, stuff
@@ -193,7 +193,7 @@ def evaluate_regions(
         loader, total=len(indices), desc=f"regions {segmenter.preset.method}", unit="img",
         disable=(not progress or not info.is_main) or None,
     )  # fmt: skip
-    for position, sample in zip(indices, _unwrap_worker_errors(bar), strict=True):
+    for position, sample in zip(indices, unwrap_worker_errors(bar), strict=True):
         segments = sample["segments"]
         if not segments:
             continue

@@ -57,7 +57,8 @@ def init_distributed_from_env(device: str | None) -> DistInfo:
     return dist_info()
 
 
-def _identity_collate(batch):
+def identity_collate(batch):
+    """DataLoader ``collate_fn`` for batch size 1: the one sample as it is (images differ in size)."""
     return batch[0]
 
 
@@ -67,7 +68,7 @@ def shard_indices(n: int, limit: int | None, info: DistInfo) -> list[int]:
     return list(range(info.rank, total, info.world_size))
 
 
-def _unwrap_worker_errors(samples):
+def unwrap_worker_errors(samples):
     """Iterate, turning an OvdenseError raised in a DataLoader worker back into its one-line message.
 
     The loader re-raises a worker's exception with the worker's traceback folded into the message.
@@ -119,7 +120,7 @@ def evaluate(
         Subset(dataset, indices),
         batch_size=1,
         num_workers=num_workers,
-        collate_fn=_identity_collate,
+        collate_fn=identity_collate,
         persistent_workers=False,
     )
     acc = IoUAccumulator(spec.num_classes)
@@ -127,7 +128,7 @@ def evaluate(
         loader, total=len(indices), desc=f"{spec.title} {segmenter.preset.method}", unit="img",
         disable=(not progress or not info.is_main) or None,
     )  # fmt: skip
-    for sample in _unwrap_worker_errors(bar):
+    for sample in unwrap_worker_errors(bar):
         segmenter.set_image(sample["image"])
         result = segmenter.predict(classes)
         label = sample["label"]

@@ -26,8 +26,6 @@ class DenseHead:
     """
 
     name: str = "abstract"
-    #: One line for ``ovdense list-methods``.
-    summary: str = ""
 
     def last_block(self, tower: DenseTower, x: torch.Tensor, context: dict) -> torch.Tensor:
         raise NotImplementedError

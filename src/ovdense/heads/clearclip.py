@@ -10,7 +10,6 @@ class ClearClipHead(DenseHead):
     """
 
     name = "clearclip"
-    summary = "softmax(qq) attention, no residual, no FFN (ClearCLIP)"
 
     def last_block(self, tower, x, context):
         q, _, v = tower.qkv(tower.last_norm1(x))

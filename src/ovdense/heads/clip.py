@@ -7,7 +7,6 @@ class ClipHead(DenseHead):
     """The tower's own last block; the patch tokens are those of open_clip's forward."""
 
     name = "clip"
-    summary = "unchanged last block (vanilla CLIP patch tokens)"
 
     def last_block(self, tower, x, context):
         return tower.last_block(x, context)

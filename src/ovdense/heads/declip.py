@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from ..presets import DECLIP_MODES
 from .base import DenseHead, attend, self_softmax
-
-DECLIP_MODES = ("csa", "qq")
 
 
 class DeclipHead(DenseHead):
@@ -16,7 +15,6 @@ class DeclipHead(DenseHead):
     """
 
     name = "declip"
-    summary = "DeCLIP content head: softmax(qq)[+softmax(kk)], unscaled on EVA02, no residual/FFN"
 
     def __init__(self, mode: str = "csa"):
         if mode not in DECLIP_MODES:

@@ -7,7 +7,6 @@ class MaskClipHead(DenseHead):
     """y = x + out_proj(v); y = y + mlp(ln_2(y)) (chongzhou96/MaskCLIP ``vit.py``, ``return_qkv``)."""
 
     name = "maskclip"
-    summary = "value path out_proj(v), residual and FFN kept (MaskCLIP)"
 
     def last_block(self, tower, x, context):
         _, _, v = tower.qkv(tower.last_norm1(x))

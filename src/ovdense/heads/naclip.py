@@ -31,7 +31,6 @@ class NaclipHead(DenseHead):
     """y = out_proj(softmax(s k kᵀ + ω) v), no residual, no FFN (NACLIP ``arch='reduced'``)."""
 
     name = "naclip"
-    summary = "softmax(kk + Gaussian neighbourhood) attention, no residual, no FFN (NACLIP)"
 
     def __init__(self, sigma: float = 5.0):
         self.sigma = sigma

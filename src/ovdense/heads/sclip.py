@@ -10,7 +10,6 @@ class SclipHead(DenseHead):
     """
 
     name = "sclip"
-    summary = "softmax(qq)+softmax(kk) attention, residual and FFN kept (SCLIP)"
 
     def last_block(self, tower, x, context):
         q, k, v = tower.qkv(tower.last_norm1(x))
