@@ -64,6 +64,8 @@ def test_cli_eval_every_layout(name, all_sets, tmp_path, capsys):
     assert len(result["per_class"]) == DATASETS[name].num_classes
     assert result["settings"]["preset"]["method"] == method and result["settings"]["limit"] == 2
     assert "mIoU" in out and next(tmp_path.glob(f"{name}_{method}_*.csv")).read_text().startswith("class,IoU,Acc")
+    wrote = [ln for ln in err.splitlines() if ln.startswith("wrote ")]
+    assert len(wrote) == 1 and all(str(p) in wrote[0] for p in tmp_path.glob(f"{name}_{method}_*"))
 
 
 def test_cli_eval_all_prints_the_paper_row(all_sets, tmp_path, capsys):

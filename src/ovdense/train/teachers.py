@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import OvdenseError
+from ..errors import OvdenseError, first_line
 from ..weights import hub_reachable, load_strict, read_checkpoint, resolve_device
 from .losses import attention_chain as _chain
 from .losses import resize_attention
@@ -79,10 +79,11 @@ _DIFFUSION_EXTRA = "the Stable Diffusion teacher needs the diffusion extra: pip 
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause (hub and timm errors wrap the one that says what happened)."""
     cause = err
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return first_line(cause)
 
 
 def _autocast(device: torch.device):
