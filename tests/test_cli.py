@@ -100,6 +100,8 @@ def test_list_commands(capsys):
         "naclip",
         "clearclip",
         "declip",
+        "scclip",
+        "resclip",
         "clip",
         "maskclip",
     ]

@@ -81,6 +81,33 @@ def test_cli_eval_all_prints_the_paper_row(all_sets, tmp_path, capsys):
     assert summary["avg"] == pytest.approx(np.mean([summary[n] for n in DATASETS]))
 
 
+def test_cli_eval_all_with_scclip(all_sets, tmp_path, capsys):
+    root, _ = all_sets
+    argv = ["eval", "--all", "--data-root", str(root), "--method", "scclip", "--model", "ovdense-test-vit12"]
+    argv += ["--out", str(tmp_path), "--workers", "0", "--limit", "1", "--short-side", "160"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    row = out.strip().splitlines()[-1]
+    assert row.startswith("| scclip |") and len(row.split("|")) == 2 + len(DATASETS) + 2
+    summary = json.loads((tmp_path / "summary_scclip.json").read_text())
+    assert set(summary) == set(DATASETS) | {"avg"}
+    voc = json.loads(next(tmp_path.glob("voc21_scclip_*.json")).read_text())["settings"]["preset"]
+    assert voc["head"] == "scclip" and voc["short_side"] == 160 and voc["logit_scale"] == 50.0
+
+
+@pytest.mark.parametrize("name", ["voc21", "context60"])  # a whole-image pass, and windows
+def test_cli_eval_resclip(name, all_sets, tmp_path, capsys):
+    root, _ = all_sets
+    argv = ["eval", "--dataset", name, "--data-root", str(root), "--method", "resclip", "--model", "ovdense-test-vit12"]
+    argv += ["--out", str(tmp_path), "--workers", "0", "--limit", "1", "--short-side", "160"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    preset = json.loads(next(tmp_path.glob(f"{name}_resclip_*.json")).read_text())["settings"]["preset"]
+    assert preset["crop"] == (0 if name == "voc21" else 224) and preset["head_kwargs"]["temp_thd"] == (
+        0.5 if name == "voc21" else 0.3
+    )
+
+
 def test_save_predictions(all_sets, tmp_path, capsys):
     root, sets = all_sets
     argv = ["eval", "--dataset", "ade20k", "--data-root", str(root), "--model", "ovdense-test-vit"]

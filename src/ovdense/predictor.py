@@ -13,7 +13,7 @@ from PIL import Image
 from . import regions
 from .classes import normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
-from .heads import DenseHead, create_head
+from .heads import DenseHead, TextQuery, create_head
 from .images import as_rgb8_array, decode_image
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
 from .pamr import pamr
@@ -135,7 +135,8 @@ class Segmenter:
         self._text: dict[tuple, TextClassifier] = {}
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
-        self._features: WindowFeatures | None = None
+        # Window features per text classifier (key None: heads whose features do not depend on the text).
+        self._features: dict[int | None, WindowFeatures] = {}
         self._region_maps: dict[int, tuple[torch.Tensor, float]] = {}
 
     @classmethod
@@ -184,9 +185,9 @@ class Segmenter:
     def _autocast(self):
         return autocast(self.precision, self.device)
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, text: TextQuery | None = None) -> torch.Tensor:
         with self._autocast():
-            return self.head.encode_dense(self.loaded.tower, images, self.preset.pos_rule)
+            return self.head.encode_dense(self.loaded.tower, images, self.preset.pos_rule, text=text)
 
     @torch.no_grad()
     def set_image(self, image) -> None:
@@ -204,15 +205,21 @@ class Segmenter:
         x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float()
         self._image = img
         self._input = (x - self._mean) / self._std
-        self._features = None
+        self._features = {}
         self._region_maps = {}
 
-    def _window_features(self) -> WindowFeatures:
-        if self._features is None:
+    def _window_features(self, text: TextClassifier) -> WindowFeatures:
+        """The windows' dense features; for heads that segment inside their pass (ResCLIP), those of ``text``
+        (the classifiers live as long as the segmenter, so their ids are stable keys)."""
+        key = id(text) if self.head.needs_text else None
+        if key not in self._features:
             p = self.preset
             pad = self.loaded.tower.patch_size if p.pad_to_patch else 0
-            self._features = encode_windows(self._input, self._encode, p.crop, p.stride, self.window_batch, pad)
-        return self._features
+            query = TextQuery(text.embeddings.to(self.device), p.logit_scale) if self.head.needs_text else None
+            self._features[key] = encode_windows(
+                self._input, lambda x: self._encode(x, query), p.crop, p.stride, self.window_batch, pad
+            )
+        return self._features[key]
 
     def text_classifier(self, classes, templates=None) -> TextClassifier:
         """The (cached) text embeddings of a class list: N names x D.
@@ -257,7 +264,7 @@ class Segmenter:
         text = self.text_classifier(classes)
         p = self.preset
         h0, w0 = self._image.shape[:2]
-        cosine = assemble_cosine_maps(self._window_features(), text.embeddings.to(self.device), (h0, w0))
+        cosine = assemble_cosine_maps(self._window_features(text), text.embeddings.to(self.device), (h0, w0))
         if p.pamr:
             guide = torch.nn.functional.interpolate(self._input, size=(h0, w0), mode="bilinear", align_corners=False)
             cosine = pamr(guide, cosine, iterations=p.pamr_iterations, dilations=p.pamr_dilations)
@@ -355,6 +362,11 @@ class Segmenter:
             raise InvalidArgumentError("pooling: 'crop' classifies boxes; pass boxes, or pooling='dense' for masks")
         if not isinstance(top_k, int) or top_k < 1:
             raise InvalidArgumentError(f"top_k: expected an integer >= 1, got {top_k!r}")
+        if self.head.needs_text and pooling == "dense":
+            raise InvalidArgumentError(
+                f"pooling: the {self.preset.method} head segments inside its pass, so it has no dense map of regions; "
+                "use pooling='crop' or a method such as sclip or declip"
+            )
         size = self.default_region_size if image_size is None else image_size
         if not isinstance(size, int) or size < self.loaded.tower.patch_size:
             raise InvalidArgumentError(f"image_size: expected an integer >= the patch size, got {image_size!r}")

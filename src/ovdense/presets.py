@@ -141,6 +141,33 @@ METHODS: dict[str, Method] = {
             "cityscapes": dict(short_side=560),
         },
     ),
+    "scclip": Method(
+        "SC-CLIP: LOF anomaly repair, similarity aggregation, multi-level pass, no residual/FFN",
+        dict(head="scclip"),
+        {
+            "voc21": dict(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+            "context60": dict(prob_thd=0.15),
+            "coco_object": dict(logit_scale=55.0, prob_thd=0.35),
+            "cityscapes": dict(short_side=560),
+        },
+    ),
+    "resclip": Method(
+        "ResCLIP on NACLIP: kk + Gaussian attention mixed with blocks 6-9 (RCS) and a first-pass label prior (SFR)",
+        dict(head="resclip"),
+        {
+            name: dict(head_kwargs=dict(temp_thd=t, rcs_lambda=rl, sfr_tau=st, sfr_lambda=sl), **extra)
+            for name, (t, rl, st, sl, extra) in {
+                "voc21": (0.50, 0.3, 2.2, 0.7, dict(crop=0, prob_thd=0.1)),
+                "context60": (0.30, 0.3, 1.8, 0.7, dict(prob_thd=0.1)),
+                "coco_object": (0.11, 0.4, 1.8, 0.7, dict(prob_thd=0.1)),
+                "voc20": (0.10, 0.6, 2.1, 0.6, dict(crop=0)),
+                "context59": (0.25, 0.4, 1.8, 0.7, {}),
+                "coco_stuff": (0.11, 0.4, 1.8, 0.7, {}),
+                "cityscapes": (0.10, 0.2, 2.1, 0.6, dict(short_side=560)),
+                "ade20k": (0.25, 0.3, 2.1, 0.7, {}),
+            }.items()
+        },
+    ),
     "clip": Method("unchanged last block (vanilla CLIP patch tokens)", dict(head="clip"), _BASELINE_DATASETS),
     "maskclip": Method(
         "value path out_proj(v), residual and FFN kept (MaskCLIP)",

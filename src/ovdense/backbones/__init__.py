@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from open_clip.transformer import VisionTransformer
 
-from .base import DenseTower, Preprocess, resize_patch_pos_embed
+from .base import NO_TAPS, DenseTower, Preprocess, Taps, resize_patch_pos_embed
 from .eva02 import Eva02Tower
 from .openclip_vit import OpenClipViTTower
 from .tiny import TEST_MODELS, is_test_model, register_test_models
@@ -39,11 +39,13 @@ def tower_for(model) -> DenseTower:
 
 
 __all__ = [
+    "NO_TAPS",
     "TEST_MODELS",
     "DenseTower",
     "Eva02Tower",
     "OpenClipViTTower",
     "Preprocess",
+    "Taps",
     "is_test_model",
     "preprocess_of",
     "register_test_models",

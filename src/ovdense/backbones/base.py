@@ -1,10 +1,11 @@
 """The interface every CLIP image tower offers the dense heads.
 
-A head only changes the last transformer block, so a tower exposes exactly the pieces a head needs:
-the tokens entering the last block, that block's normalisation, its q/k/v projections, its attention
-output path and FFN, the unchanged block itself, and the final norm + projection into the joint
-embedding space. The towers wrap the real modules of a loaded open_clip / timm model; no CLIP code
-is forked.
+A head replaces the last transformer block, so a tower exposes the pieces a head needs: the tokens entering
+the last block, that block's normalisation, its q/k/v projections, its attention output path and FFN, the
+unchanged block itself, and the final norm + projection into the joint embedding space. A head may also read
+earlier blocks (:class:`Taps`): the residual stream after given blocks and their per-head attention
+probabilities, collected in the same single pass. The towers wrap the real modules of a loaded open_clip /
+timm model; no CLIP code is forked and no hook is registered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,31 @@ import torch.nn.functional as F
 from torch import nn
 
 POS_EMBED_RULES = ("sclip", "size")
+
+
+@dataclass(frozen=True)
+class Taps:
+    """What a head reads from the tower's pass besides the tokens entering the last block.
+
+    Blocks are numbered from 1 (the first) to ``num_blocks``; only blocks before the last can be tapped.
+
+    Attributes:
+        states: the residual stream (B x L x C, prefix tokens first) after each of these blocks, as
+            ``context["states"][block]``. The tokens entering the last block are the state after block
+            ``num_blocks - 1``.
+        attention: the per-head attention probabilities softmax(s q kᵀ) (B x heads x L x L) of each of these
+            blocks, as ``context["attention"][block]``. A tapped block is computed from its parts (norm, q/k/v,
+            softmax, output projection, FFN), which equals the module's own forward to fp32 rounding.
+    """
+
+    states: tuple[int, ...] = ()
+    attention: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.states or self.attention)
+
+
+NO_TAPS = Taps()
 
 
 @dataclass(frozen=True)
@@ -102,29 +128,85 @@ class DenseTower(nn.Module):
         """The standard attention scale head_dim^-0.5."""
         return self.head_dim**-0.5
 
-    # The pieces below are implemented per tower.
-    def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
-        """Embed B x 3 x H x W images and run all blocks but the last.
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in the tower."""
+        return len(self.blocks)
 
-        Returns the B x L x C tokens entering the last block and a context dict (grid, RoPE, ...)
-        for :meth:`last_block`.
+    def tokens_before_last_block(
+        self, images: torch.Tensor, pos_rule: str, taps: Taps = NO_TAPS
+    ) -> tuple[torch.Tensor, dict]:
+        """Embed B x 3 x H x W images and run all blocks but the last, in one pass.
+
+        Returns the B x L x C tokens entering the last block and a context dict for the head: ``grid``
+        ``(h, w)`` (and the tower's own entries, e.g. RoPE); with ``taps``, also ``states`` and ``attention``
+        (see :class:`Taps`).
         """
+        x, context = self.embed(images, pos_rule)
+        if not taps:
+            return self.run_blocks(x, context, 0, self.num_blocks - 1), context
+        last = self.num_blocks - 1
+        wanted = set(taps.states) | set(taps.attention)
+        if any(not isinstance(i, int) or not 1 <= i <= last for i in wanted):
+            raise ValueError(f"taps name blocks {sorted(wanted)}; this tower taps blocks 1..{last}")
+        states, attention = {}, {}
+        done = 0
+        for block in sorted(wanted):
+            x = self.run_blocks(x, context, done, block - 1)
+            if block in taps.attention:
+                x, attention[block] = self.block_with_attention(block - 1, x, context)
+            else:
+                x = self.run_blocks(x, context, block - 1, block)
+            if block in taps.states:
+                states[block] = x
+            done = block
+        x = self.run_blocks(x, context, done, last)
+        context.update(states=states, attention=attention)
+        return x, context
+
+    def block_with_attention(self, index: int, x: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index`` (0-based) computed from its parts, with its attention probabilities.
+
+        Returns:
+            ``(y, weights)``: the block's B x L x C output and B x heads x L x L softmax(s q kᵀ).
+        """
+        q, k, v = self.qkv(self.norm1(x, index), index)
+        q, k = self.rotate(q, k, context)
+        weights = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+        y = x + self.attn_out(weights @ v.to(weights.dtype), index)
+        return y + self.ffn(y, index), weights
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower's rotary position embedding on q and k (identity for towers without RoPE)."""
+        return q, k
+
+    # The pieces below are implemented per tower. ``block`` indexes ``blocks`` (default: the last).
+    def embed(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
+        """Patch embedding, prefix tokens and positions: B x 3 x H x W -> B x L x C tokens and the context."""
+        raise NotImplementedError
+
+    def run_blocks(self, x: torch.Tensor, context: dict, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start..stop-1`` (0-based) through their own forward: B x L x C -> B x L x C."""
+        raise NotImplementedError
+
+    def norm1(self, x: torch.Tensor, block: int = -1) -> torch.Tensor:
+        """A block's pre-attention norm (ln_1 / norm1): B x L x C -> B x L x C."""
         raise NotImplementedError
 
     def last_norm1(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's pre-attention norm (ln_1 / norm1): B x L x C -> B x L x C."""
+        return self.norm1(x, -1)
+
+    def qkv(self, x_normed: torch.Tensor, block: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block's q, k, v (biases included, unscaled, no RoPE): each B x heads x L x head_dim."""
         raise NotImplementedError
 
-    def qkv(self, x_normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The last block's q, k, v (biases included, unscaled, no RoPE): each B x heads x L x head_dim."""
+    def attn_out(self, heads_out: torch.Tensor, block: int = -1) -> torch.Tensor:
+        """A block's attention output: B x heads x L x head_dim -> B x L x C (incl. layer scale)."""
         raise NotImplementedError
 
-    def attn_out(self, heads_out: torch.Tensor) -> torch.Tensor:
-        """The last block's attention output: B x heads x L x head_dim -> B x L x C (incl. layer scale)."""
-        raise NotImplementedError
-
-    def ffn(self, y: torch.Tensor) -> torch.Tensor:
-        """The last block's FFN branch (without the residual): B x L x C -> B x L x C."""
+    def ffn(self, y: torch.Tensor, block: int = -1) -> torch.Tensor:
+        """A block's FFN branch (without the residual): B x L x C -> B x L x C."""
         raise NotImplementedError
 
     def last_block(self, x: torch.Tensor, context: dict) -> torch.Tensor:

@@ -38,7 +38,7 @@ class Eva02Tower(DenseTower):
         self.trunk = trunk
         self.num_prefix_tokens = trunk.num_prefix_tokens
 
-    def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
+    def embed(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
         t = self.trunk
         x = t.patch_embed.proj(images)  # B x C x h x w; the patch conv floors like the references
         b, c, h, w = x.shape
@@ -62,9 +62,27 @@ class Eva02Tower(DenseTower):
         x = t.pos_drop(x)
         rope = self.rope_for((h, w))
         x = t.norm_pre(x)
-        for blk in t.blocks[:-1]:
-            x = blk(x, rope=rope)
         return x, {"grid": (h, w), "rope": rope}
+
+    def run_blocks(self, x: torch.Tensor, context: dict, start: int, stop: int) -> torch.Tensor:
+        for blk in self.trunk.blocks[start:stop]:
+            x = blk(x, rope=context.get("rope"))
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's ``EvaAttention`` RoPE: the patch tokens of q and k rotated, the prefix tokens left alone."""
+        rope = context.get("rope")
+        if rope is None:
+            return q, k
+        from timm.layers import apply_rot_embed_cat
+
+        npt = self.num_prefix_tokens
+        half = getattr(self._block.attn, "rotate_half", False)
+
+        def rot(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
+
+        return rot(q), rot(k)
 
     def rope_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """RoPE sin/cos table ((h * w) x 2 * rope_dim) for a patch grid, square or not.
@@ -87,11 +105,11 @@ class Eva02Tower(DenseTower):
     def _block(self):
         return self.trunk.blocks[-1]
 
-    def last_norm1(self, x: torch.Tensor) -> torch.Tensor:
-        return self._block.norm1(x)
+    def norm1(self, x: torch.Tensor, block: int = -1) -> torch.Tensor:
+        return self.trunk.blocks[block].norm1(x)
 
-    def qkv(self, x_normed):
-        attn = self._block.attn
+    def qkv(self, x_normed, block: int = -1):
+        attn = self.trunk.blocks[block].attn
         if attn.qkv is not None:  # fused layout: k has a fixed zero bias
             bias = None
             if attn.q_bias is not None:
@@ -102,13 +120,13 @@ class Eva02Tower(DenseTower):
         q, k, v = (self.split_heads(t, self.num_heads) for t in (q, k, v))
         return attn.q_norm(q), attn.k_norm(k), v
 
-    def attn_out(self, heads_out: torch.Tensor) -> torch.Tensor:
-        blk = self._block
+    def attn_out(self, heads_out: torch.Tensor, block: int = -1) -> torch.Tensor:
+        blk = self.trunk.blocks[block]
         out = blk.attn.proj(blk.attn.norm(self.merge_heads(heads_out)))
         return blk.gamma_1 * out if blk.gamma_1 is not None else out
 
-    def ffn(self, y: torch.Tensor) -> torch.Tensor:
-        blk = self._block
+    def ffn(self, y: torch.Tensor, block: int = -1) -> torch.Tensor:
+        blk = self.trunk.blocks[block]
         out = blk.mlp(blk.norm2(y))
         return blk.gamma_2 * out if blk.gamma_2 is not None else out
 

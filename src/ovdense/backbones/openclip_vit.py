@@ -42,7 +42,10 @@ class OpenClipViTTower(DenseTower):
             x = blk(x)
         return x if batch_first else x.transpose(0, 1)
 
-    def tokens_before_last_block(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
+    def run_blocks(self, x: torch.Tensor, context: dict, start: int, stop: int) -> torch.Tensor:
+        return self._run_blocks(self.visual.transformer.resblocks[start:stop], x)
+
+    def embed(self, images: torch.Tensor, pos_rule: str) -> tuple[torch.Tensor, dict]:
         v = self.visual
         x = v.conv1(images)  # B x C x h x w
         b, c, h, w = x.shape
@@ -54,26 +57,27 @@ class OpenClipViTTower(DenseTower):
         x = x + torch.cat([pos[:1], patch_pos], dim=0).to(x.dtype)
         x = v.patch_dropout(x)
         x = v.ln_pre(x)
-        x = self._run_blocks(v.transformer.resblocks[:-1], x)
         return x, {"grid": (h, w)}
 
     @property
     def _block(self):
         return self.visual.transformer.resblocks[-1]
 
-    def last_norm1(self, x: torch.Tensor) -> torch.Tensor:
-        return self._block.ln_1(x)
+    def norm1(self, x: torch.Tensor, block: int = -1) -> torch.Tensor:
+        return self.blocks[block].ln_1(x)
 
-    def qkv(self, x_normed):
-        attn = self._block.attn
+    def qkv(self, x_normed, block: int = -1):
+        attn = self.blocks[block].attn
         q, k, v = F.linear(x_normed, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         return tuple(self.split_heads(t, self.num_heads) for t in (q, k, v))
 
-    def attn_out(self, heads_out: torch.Tensor) -> torch.Tensor:
-        return self._block.ls_1(self._block.attn.out_proj(self.merge_heads(heads_out)))
+    def attn_out(self, heads_out: torch.Tensor, block: int = -1) -> torch.Tensor:
+        blk = self.blocks[block]
+        return blk.ls_1(blk.attn.out_proj(self.merge_heads(heads_out)))
 
-    def ffn(self, y: torch.Tensor) -> torch.Tensor:
-        return self._block.ls_2(self._block.mlp(self._block.ln_2(y)))
+    def ffn(self, y: torch.Tensor, block: int = -1) -> torch.Tensor:
+        blk = self.blocks[block]
+        return blk.ls_2(blk.mlp(blk.ln_2(y)))
 
     def last_block(self, x: torch.Tensor, context: dict) -> torch.Tensor:
         return self._run_blocks([self._block], x)

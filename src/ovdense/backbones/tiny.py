@@ -1,7 +1,8 @@
 """Tiny random test architectures, registered by name like timm's ``test_vit``.
 
 ``ovdense-test-vit`` is an OpenAI-style ViT (QuickGELU, patch 16, 224 px, so the native 14 x 14 grid
-and every preset behave as with ViT-B/16) and ``ovdense-test-eva02`` an EVA02 tower (timm ``Eva`` with
+and every preset behave as with ViT-B/16), ``ovdense-test-vit12`` the same with ViT-B's 12 blocks (for the heads
+that read blocks by number: SC-CLIP, ResCLIP) and ``ovdense-test-eva02`` an EVA02 tower (timm ``Eva`` with
 sub-LN, SwiGLU, RoPE, unfused q/k/v) with open_clip's text tower. Both are a few MB and random:
 for tests and smoke runs only, never a stand-in for real weights.
 """
@@ -15,7 +16,7 @@ from open_clip import factory as _oc_factory
 from timm.models import register_model
 from timm.models.eva import Eva
 
-TEST_MODELS = ("ovdense-test-vit", "ovdense-test-eva02")
+TEST_MODELS = ("ovdense-test-vit", "ovdense-test-vit12", "ovdense-test-eva02")
 
 _TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 
@@ -24,6 +25,12 @@ _CONFIGS = {
         "embed_dim": 32,
         "quick_gelu": True,
         "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 16, "patch_size": 16},
+        "text_cfg": _TEXT_CFG,
+    },
+    "ovdense-test-vit12": {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 16, "patch_size": 16},
         "text_cfg": _TEXT_CFG,
     },
     "ovdense-test-eva02": {

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import DenseTower
+from ..backbones.base import NO_TAPS, DenseTower, Taps
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """The text side a head may need inside its pass (ResCLIP's first segmentation of each window).
+
+    Attributes:
+        embeddings: N x D L2-normalised name embeddings (all names of all classes).
+        logit_scale: the method's softmax temperature for the cosines.
+    """
+
+    embeddings: torch.Tensor
+    logit_scale: float
 
 
 def attend(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -21,17 +36,33 @@ def self_softmax(t: torch.Tensor, scale: float) -> torch.Tensor:
 class DenseHead:
     """A training-free replacement for the last ViT block.
 
-    Subclasses implement :meth:`last_block` mapping the B x L x C tokens entering the last block to
-    the B x L x C tokens that the tower's final norm and projection turn into dense features.
+    Subclasses implement :meth:`last_block` mapping the B x L x C tokens entering the last block to the tokens
+    that the tower's final norm and projection turn into dense features: B x L x C, or B x (h·w) x C for a head
+    whose output has no prefix rows (``output_has_prefix = False``). A head that reads earlier blocks says
+    which in :meth:`taps`; their values arrive in ``context`` from the same pass. A head that needs the class
+    names inside its pass (``needs_text = True``) finds a :class:`TextQuery` in ``context["text"]``.
     """
 
     name: str = "abstract"
+    #: Whether :meth:`last_block` returns the prefix ([CLS]) rows too.
+    output_has_prefix: bool = True
+    #: Whether the pass needs the text embeddings (then the dense features depend on the class list).
+    needs_text: bool = False
+
+    def taps(self, tower: DenseTower) -> Taps:
+        """The earlier blocks this head reads on ``tower`` (none by default)."""
+        return NO_TAPS
 
     def last_block(self, tower: DenseTower, x: torch.Tensor, context: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def encode_dense(
-        self, tower: DenseTower, images: torch.Tensor, pos_rule: str = "sclip", normalize: bool = True
+        self,
+        tower: DenseTower,
+        images: torch.Tensor,
+        pos_rule: str = "sclip",
+        normalize: bool = True,
+        text: TextQuery | None = None,
     ) -> torch.Tensor:
         """Dense features of a batch of images.
 
@@ -42,14 +73,22 @@ class DenseHead:
                 :func:`ovdense.backbones.base.resize_patch_pos_embed`).
             normalize: L2-normalise each token. Region pooling on EVA02 works on the un-normalised map
                 and normalises the pooled vector, as DeCLIP does.
+            text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
 
         Returns:
             B x D x H/p x W/p projected features (D = joint embedding width), L2-normalised per token
             when ``normalize``.
         """
-        x, context = tower.tokens_before_last_block(images, pos_rule)
+        if self.needs_text and text is None:
+            raise ValueError(f"the {self.name} head segments inside its pass: give it the text embeddings")
+        x, context = tower.tokens_before_last_block(images, pos_rule, self.taps(tower))
+        context["images"] = images
+        if self.needs_text:
+            context["text"] = text
         y = self.last_block(tower, x, context)
-        y = tower.project(y)[:, tower.num_prefix_tokens :]
+        y = tower.project(y)
+        if self.output_has_prefix:
+            y = y[:, tower.num_prefix_tokens :]
         if normalize:
             y = F.normalize(y, dim=-1)
         h, w = context["grid"]
