@@ -1,11 +1,11 @@
 """Sliding-window throughput: all windows of an image batched vs the references' one-window loop.
 
 Both paths use the same model, head, image and text embeddings in the same run; the baseline is
-``window_batch=1`` (how SCLIP / NACLIP / ClearCLIP loop over windows), ours batches the windows.
-Prints a markdown table of windows/s, images/s and the ratio, on CPU and on CUDA when present,
-for the tiny test ViT and a real-size random ViT-B/16 (random weights: speed only).
+``window_batch=1`` (how SCLIP / NACLIP / ClearCLIP / SC-CLIP / ResCLIP loop over windows), ours batches the
+windows. Prints a markdown table of windows/s, images/s and the ratio, on CPU and on CUDA when present,
+for a 12-block tiny test ViT and a real-size random ViT-B/16 (random weights: speed only), per method.
 
-    python benchmarks/segment_speed.py [--repeats 3] [--threads 2] [--devices cpu cuda]
+    python benchmarks/segment_speed.py [--repeats 3] [--threads 2] [--devices cpu cuda] [--methods sclip scclip]
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import open_clip
 import torch
 
 from ovdense.backbones import tower_for
-from ovdense.heads import create_head
+from ovdense.heads import TextQuery, create_head
 from ovdense.inference import slide_cosine_maps, sliding_windows
 
 
 def build(name: str, device: torch.device):
+    from ovdense.backbones import register_test_models
+
+    register_test_models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.create_model(name, force_quick_gelu=name == "ViT-B-16")
@@ -31,10 +34,11 @@ def build(name: str, device: torch.device):
 
 def time_image(tower, head, image, text, crop, stride, window_batch, repeats, autocast):
     def run():
+        query = TextQuery(text, 40.0) if head.needs_text else None
         with torch.no_grad(), autocast():
             return slide_cosine_maps(
                 image,
-                lambda x: head.encode_dense(tower, x),
+                lambda x: head.encode_dense(tower, x, text=query),
                 text,
                 crop,
                 stride,
@@ -60,7 +64,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
-    parser.add_argument("--models", nargs="+", default=["ovdense-test-vit", "ViT-B-16"])
+    parser.add_argument("--models", nargs="+", default=["ovdense-test-vit12", "ViT-B-16"])
+    parser.add_argument("--methods", nargs="+", default=["sclip", "scclip", "resclip"], help="dense heads")
     parser.add_argument("--size", type=int, nargs=2, default=(336, 448), metavar=("H", "W"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,12 +79,12 @@ def main() -> None:
         device = torch.device(dev_name)
         for name in args.models:
             tower = build(name, device)
-            head = create_head("sclip")
             gen = torch.Generator().manual_seed(0)
             image = torch.randn(1, 3, h, w, generator=gen).to(device)
             text = torch.nn.functional.normalize(torch.randn(21, tower.out_dim, generator=gen), dim=-1).to(device)
             precisions = ["fp32"] + (["bf16"] if device.type == "cuda" else [])
-            for precision in precisions:
+            for method, precision in ((m, p) for m in args.methods for p in precisions):
+                head = create_head(method)
                 if precision == "bf16":
                     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
                 else:
@@ -87,16 +92,16 @@ def main() -> None:
                 t_loop, ref = time_image(tower, head, image, text, crop, stride, 1, args.repeats, autocast)
                 t_batch, out = time_image(tower, head, image, text, crop, stride, n_windows, args.repeats, autocast)
                 max_diff = (out - ref).abs().max().item()
-                rows.append((dev_name, name, precision, n_windows, t_loop, t_batch, max_diff))
-    print(f"\nimage {h}x{w}, crop {crop}, stride {stride}, sclip head, {args.threads} CPU threads\n")
+                rows.append((dev_name, name, method, precision, n_windows, t_loop, t_batch, max_diff))
+    print(f"\nimage {h}x{w}, crop {crop}, stride {stride}, {args.threads} CPU threads\n")
     print(
-        "| device | model | precision | windows | loop win/s | batched win/s | loop img/s | batched img/s "
+        "| device | model | method | precision | windows | loop win/s | batched win/s | loop img/s | batched img/s "
         "| speed-up | max abs diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for dev, name, prec, n, t_loop, t_batch, diff in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dev, name, method, prec, n, t_loop, t_batch, diff in rows:
         print(
-            f"| {dev} | {name} | {prec} | {n} | {n / t_loop:.1f} | {n / t_batch:.1f} | {1 / t_loop:.2f} | "
+            f"| {dev} | {name} | {method} | {prec} | {n} | {n / t_loop:.1f} | {n / t_batch:.1f} | {1 / t_loop:.2f} | "
             f"{1 / t_batch:.2f} | {t_loop / t_batch:.2f}x | {diff:.1e} |"
         )
 
