@@ -94,15 +94,19 @@ def main() -> None:
                 max_diff = (out - ref).abs().max().item()
                 rows.append((dev_name, name, method, precision, n_windows, t_loop, t_batch, max_diff))
     print(f"\nimage {h}x{w}, crop {crop}, stride {stride}, {args.threads} CPU threads\n")
+    # The cost of a method relative to sclip on the same device, model, precision and image (batched).
+    sclip = {(dev, name, prec): t for dev, name, method, prec, _, _, t, _ in rows if method == "sclip"}
     print(
         "| device | model | method | precision | windows | loop win/s | batched win/s | loop img/s | batched img/s "
-        "| speed-up | max abs diff |"
+        "| speed-up | time vs sclip | max abs diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dev, name, method, prec, n, t_loop, t_batch, diff in rows:
+        base = sclip.get((dev, name, prec))
+        rel = f"{t_batch / base:.2f}x" if base else "-"
         print(
             f"| {dev} | {name} | {method} | {prec} | {n} | {n / t_loop:.1f} | {n / t_batch:.1f} | {1 / t_loop:.2f} | "
-            f"{1 / t_batch:.2f} | {t_loop / t_batch:.2f}x | {diff:.1e} |"
+            f"{1 / t_batch:.2f} | {t_loop / t_batch:.2f}x | {rel} | {diff:.1e} |"
         )
 
 

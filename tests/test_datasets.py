@@ -338,6 +338,12 @@ def test_class_styles_pick_the_right_file():
     assert read_class_names("coco_object", "clearclip")[0] == ["background"]
     assert read_class_names("context60")[0] == ["background"]
     assert read_class_names("context60", "clearclip") == read_class_names("context60")  # no own file: fallback
+    assert read_class_names("voc21", "proxyclip")[15] == ["person"]  # SCLIP's names without its synonyms
+    assert read_class_names("voc21", "corrclip")[15] == ["people"]  # CorrCLIP v1's class-name correction
+    assert "bed" in read_class_names("coco_object", "proxyclip")[0]
+    assert "bed" not in read_class_names("coco_object", "corrclip")[0] and read_class_names("coco_stuff", "corrclip")[
+        0
+    ] == ["people"]
     assert read_class_names("voc20", "declip")[14] == ["person"]
     assert len(read_class_names("coco_object", "declip")[0]) == 17
     # SCLIP's COCO-Object lists "bed" both as a background word and as class "bed": kept as written

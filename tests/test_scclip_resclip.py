@@ -25,11 +25,24 @@ def vit12():
     return load_model("ovdense-test-vit12")
 
 
+def pos_embed(visual, grid):
+    """SCLIP's rule written out: the native table, or bicubic with scale_factor (g + 0.1) / 14."""
+    pos = visual.positional_embedding
+    if grid == (14, 14):
+        return pos
+    table = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    scale = ((grid[0] + 0.1) / 14, (grid[1] + 0.1) / 14)
+    table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
 def blocks_by_hand(visual, images):
     """X_1..X_{L-1} through open_clip's own modules, and per-head attention of every block (need_weights)."""
-    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = visual.conv1(images)
+    grid = tuple(x.shape[-2:])
+    x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = visual.ln_pre(torch.cat([cls, x], 1) + visual.positional_embedding)
+    x = visual.ln_pre(torch.cat([cls, x], 1) + pos_embed(visual, grid))
     states, attention = {}, {}
     for i, blk in enumerate(visual.transformer.resblocks[:-1], start=1):
         y = blk.ln_1(x)
@@ -94,6 +107,25 @@ def test_lof_is_the_codes_own_variant():
     assert mask[5] and mask[77]
 
 
+def standard_lof(points: np.ndarray, k: int) -> np.ndarray:
+    """The textbook LOF (sklearn's): Euclidean distances, reach-dist(p, o) = max(d(p, o), kd(o))."""
+    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    order = np.argsort(d, axis=1, kind="stable")[:, 1 : k + 1]
+    kd = np.take_along_axis(d, order[:, -1:], axis=1)[:, 0]
+    reach = np.maximum(np.take_along_axis(d, order, axis=1), kd[order])
+    lrd = 1 / reach.mean(1)
+    return np.array([lrd[order[p]].mean() / lrd[p] for p in range(len(points))])
+
+
+def test_the_codes_lof_picks_other_tokens_than_the_textbook_one():
+    rng = np.random.default_rng(3)
+    pts = np.concatenate([rng.normal(size=(150, 4)), rng.normal(scale=0.3, size=(46, 4)) + 3])
+    ours = local_outlier_factor(torch.from_numpy(pts), 30).numpy()
+    textbook = standard_lof(pts, 30)
+    top = lambda s: set(np.argsort(-s, kind="stable")[:10].tolist())  # noqa: E731
+    assert top(ours) != top(textbook)
+
+
 def test_repair_uses_valid_neighbours_and_row_major_cells():
     grid = (2, 5)  # not square: the reference would index cells with the row count
     tokens = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(1, 1, 3)
@@ -118,15 +150,14 @@ def test_similarity_aggregation_formula():
 
 
 @torch.no_grad()
-def scclip_by_hand(visual, image):
-    """SC-CLIP for one image, step by step from the spec (batch of one, open_clip modules)."""
+def scclip_by_hand(visual, image, grid=(14, 14)):
+    """SC-CLIP for one image, step by step from the spec (batch of one, open_clip modules, row-major cells)."""
     states, _ = blocks_by_hand(visual, image)
     blk = visual.transformer.resblocks[-1]
     x11 = states[11][0]
     p11 = x11[1:]
     scores = torch.from_numpy(lof_by_hand(p11.double().numpy(), 30))
     mask = scores > torch.quantile(scores, 0.95)
-    grid = (14, 14)
 
     def repair(tokens):
         fmap = tokens.T.reshape(-1, *grid).clone()
@@ -181,6 +212,10 @@ def test_scclip_head_equals_the_steps_written_out(vit12):
     for i in range(2):
         by_hand = scclip_by_hand(vit12.model.visual, IMG[i : i + 1])
         torch.testing.assert_close(dense[i : i + 1], by_hand, atol=2e-5, rtol=0)
+    # A non-square grid (the reference raises or repairs the wrong cells there): row-major cells.
+    rect = torch.randn(1, 3, 160, 272)
+    by_hand = scclip_by_hand(vit12.model.visual, rect, grid=(10, 17))
+    torch.testing.assert_close(head.encode_dense(vit12.tower, rect, "sclip"), by_hand, atol=2e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -268,6 +303,7 @@ def test_sfr_prior_formula():
 @torch.no_grad()
 def resclip_by_hand(visual, image, text, logit_scale, head):
     """ResCLIP for one window from the spec: RCS, first pass + PAMR, labels, prior, final pass."""
+    grid = (image.shape[-2] // 16, image.shape[-1] // 16)
     states, attention = blocks_by_hand(visual, image)
     x = states[11][0]
     blk = visual.transformer.resblocks[-1]
@@ -277,7 +313,7 @@ def resclip_by_hand(visual, image, text, logit_scale, head):
     k = (y @ w[c : 2 * c].T + b[c : 2 * c]).view(-1, heads, c // heads).transpose(0, 1)
     v = (y @ w[2 * c :].T + b[2 * c :]).view(-1, heads, c // heads).transpose(0, 1)
     kk = k @ k.transpose(1, 2) * (c // heads) ** -0.5
-    omega = gaussian_neighbourhood_bias((14, 14), 5.0)
+    omega = gaussian_neighbourhood_bias(grid, 5.0)
     rcs = torch.stack([attention[i][0] for i in (6, 7, 8, 9)]).mean(0)
 
     def attend(s):
@@ -286,12 +322,12 @@ def resclip_by_hand(visual, image, text, logit_scale, head):
         o = (a @ v).transpose(0, 1).reshape(-1, c) @ blk.attn.out_proj.weight.T + blk.attn.out_proj.bias
         return F.normalize(visual.ln_post(o) @ visual.proj, dim=-1)[1:]
 
-    cos = (attend(None) @ text.T).T.reshape(1, -1, 14, 14)
-    cos = F.interpolate(cos, size=(224, 224), mode="bilinear", align_corners=False)
+    cos = (attend(None) @ text.T).T.reshape(1, -1, *grid)
+    cos = F.interpolate(cos, size=image.shape[-2:], mode="bilinear", align_corners=False)
     probs = torch.softmax(pamr(image, cos, 10, (8, 16))[0] * logit_scale, 0)
-    s = sfr_prior(patch_labels(probs, 16, (14, 14), head.temp_thd))
+    s = sfr_prior(patch_labels(probs, 16, grid, head.temp_thd))
     s = (s / s.max()).half().float()
-    return attend(s).T.reshape(1, -1, 14, 14)
+    return attend(s).T.reshape(1, -1, *grid)
 
 
 @torch.no_grad()
@@ -304,6 +340,10 @@ def test_resclip_head_equals_the_steps_written_out(vit12):
     for i in range(2):
         by_hand = resclip_by_hand(vit12.model.visual, IMG[i : i + 1], text, 40.0, head)
         torch.testing.assert_close(dense[i : i + 1], by_hand, atol=5e-4, rtol=0)
+    rect = torch.randn(1, 3, 160, 232)  # a whole-image pass: a non-square grid, a remainder column of pixels
+    by_hand = resclip_by_hand(vit12.model.visual, rect, text, 40.0, head)
+    torch.testing.assert_close(head.encode_dense(vit12.tower, rect, "sclip", text=TextQuery(text, 40.0)), by_hand,
+                               atol=5e-4, rtol=0)  # fmt: skip
     with pytest.raises(ValueError, match="give it the text embeddings"):
         head.encode_dense(vit12.tower, IMG[:1], "sclip")
 

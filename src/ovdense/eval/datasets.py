@@ -49,8 +49,11 @@ CLASSES_DIR = Path(__file__).parent / "classes"
 #: Class-name styles and where each comes from. ``sclip``: SCLIP ``configs/cls_*.txt`` (NACLIP's are
 #: byte-identical). ``clearclip``: ClearCLIP ``configs/cls_*.txt`` (``background`` as class 0, no synonyms).
 #: ``declip``: the files DeCLIP's ``declip_segmentor.py`` reads are not published; ProxyCLIP's
-#: ``configs/cls_*.txt`` (same ``'; '`` separator and segmentor lineage) stand in for them.
-CLASS_STYLES = ("sclip", "clearclip", "declip")
+#: ``configs/cls_*.txt`` (same ``'; '`` separator and segmentor lineage) stand in for them. ``proxyclip``:
+#: ProxyCLIP's ``configs/cls_*.txt`` (SCLIP's names without its synonyms). ``corrclip``: CorrCLIP v1's
+#: (``people`` for ``person``, no ``bed`` among COCO-Object's background words). The ``'; '`` of those files is
+#: written ``', '`` here, as every ovdense class file (no name holds a comma). SC-CLIP and ResCLIP ship SCLIP's.
+CLASS_STYLES = ("sclip", "clearclip", "declip", "proxyclip", "corrclip")
 
 
 @dataclass(frozen=True)
