@@ -36,8 +36,9 @@ from ovdense.train.data import DistillDataset
 from ovdense.train.losses import weighted_total
 from ovdense.train.objectives import OBJECTIVES, DeclipObjective
 from ovdense.train.student import StudentForward, freeze_for_distillation
-from ovdense.train.teachers import ClipTeacher, SdTeacher, VfmTeacher
+from ovdense.train.teachers import ClipTeacher, SdTeacher
 from ovdense.train.trainer import param_groups
+from ovdense.vfm import Vfm
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -55,11 +56,11 @@ def random_student(device):
     return model, tower_for(model)
 
 
-def random_vfm(device) -> VfmTeacher:
+def random_vfm(device) -> Vfm:
     import timm
 
     model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, dynamic_img_size=True, num_classes=0)
-    return VfmTeacher(model.to(device).eval().requires_grad_(False), name="dinov2-b-reg", source="random (benchmark)")
+    return Vfm(model.to(device).eval().requires_grad_(False), name="dinov2-b-reg", source="random (benchmark)")
 
 
 def random_sd(device, dtype) -> SdTeacher:

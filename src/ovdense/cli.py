@@ -415,7 +415,7 @@ def _train_parser(sub) -> None:
         "eps": "AdamW eps (default: 1e-6 for model names with 'vit', else 1e-8)",
         "unlocked_blocks": "train only the last N transformer blocks (default all)",
         "image_size": "student input side (longest side resized, padded right/bottom)",
-        "vfm": "VFM teacher: dinov2-{s,b,l}[-reg], dino-b8, dino-b16 or timm:<name>",
+        "vfm": "VFM teacher: dinov2-{s,b,l}[-reg], dino-{s,b}{8,16} or timm:<name>",
         "vfm_checkpoint": "local weights file for the VFM teacher",
         "sd": "add the Stable Diffusion teacher (SD-guided VFM affinity; needs ovdense[diffusion])",
         "sd_model": "diffusers model id or local folder of the SD teacher",

@@ -23,3 +23,11 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
     head = line[: limit + 1]
     cut = head.rsplit(" ", 1)[0].rstrip(" ,;:") if " " in head else ""
     return (cut if len(cut) > limit // 2 else line[:limit]) + " ..."
+
+
+def cause_line(err: BaseException, limit: int = 200) -> str:
+    """:func:`first_line` of the innermost ``__cause__`` (hub, timm and diffusers errors wrap the one that says
+    what happened)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return first_line(err, limit)

@@ -28,7 +28,7 @@ import torch
 from open_clip.pretrained import get_pretrained_cfg
 
 from .backbones import DenseTower, is_test_model, register_test_models, tower_for
-from .errors import OvdenseError, RandomWeightsWarning, first_line
+from .errors import OvdenseError, RandomWeightsWarning, cause_line, first_line
 
 register_test_models()
 
@@ -236,10 +236,7 @@ def _activation(model, model_cfg_quick: bool) -> str:
 
 def _hub_failure(err: Exception, name: str, tag: str | None) -> OvdenseError:
     """``tag`` None: an ``hf-hub:`` repo (no pretrained= in the suggested command)."""
-    cause = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    first = first_line(cause)
+    first = cause_line(err)
     args = f"'{name}', pretrained='{tag}'" if tag else f"'{name}'"
     return OvdenseError(
         f"weights for {name} ({tag or 'hub repo'}) are not in the local cache and could not be downloaded "

@@ -61,7 +61,7 @@ class DeclipObjective:
     Args:
         cfg: the run's configuration (loss forms, temperatures, weights, N for RoI tokens).
         clip_teacher: a :class:`~ovdense.train.teachers.ClipTeacher` (frozen initial weights).
-        vfm: a :class:`~ovdense.train.teachers.VfmTeacher`.
+        vfm: a :class:`~ovdense.vfm.Vfm` (its :meth:`~ovdense.vfm.Vfm.features` are the context teacher).
         sd: a :class:`~ovdense.train.teachers.SdTeacher` for the SD-guided affinity, or None.
         caches: optional ``{"vfm": TeacherCache, "sd": TeacherCache}`` (see :mod:`ovdense.train.cache`), keyed
             by the batch's ``sha256`` (B x 32 uint8 digests of the images' bytes).
@@ -77,8 +77,9 @@ class DeclipObjective:
         """Load the teachers, freeze the student and build its forward (the trainer's setup)."""
         from ..heads.declip import DeclipHead
         from ..presets import get_preset
+        from ..vfm import load_vfm
         from .student import StudentForward, freeze_for_distillation
-        from .teachers import load_sd, load_vfm
+        from .teachers import load_sd
 
         vfm = load_vfm(cfg.vfm, checkpoint=cfg.vfm_checkpoint, device=device)
         sd = None

@@ -1,7 +1,8 @@
-"""Frozen teachers of the distillation objectives: a VFM (DINO / DINOv2 via timm), Stable Diffusion, CLIP.
+"""Frozen teachers of the distillation objectives: Stable Diffusion and CLIP.
 
-- :func:`load_vfm` / :class:`VfmTeacher`: DeCLIP's context teacher. Patch tokens of the last block after
-  the final norm, on a proxy image of ``grid * patch`` pixels (DESIGN "DeCLIP training").
+- The VFM teacher (DeCLIP's context teacher: patch tokens of the last block after the final norm, on a
+  proxy image of ``grid * patch`` pixels, DESIGN "DeCLIP training") is the library's
+  :func:`ovdense.vfm.load_vfm` / :class:`ovdense.vfm.Vfm.features`.
 - :func:`load_sd` / :class:`SdTeacher`: the extended recipe's Stable Diffusion self-attention chain
   (DESIGN "Extended version", SD-GSC), from a diffusers folder or hub id. diffusers / transformers are only
   imported here, inside :func:`load_sd` (the ``[diffusion]`` extra).
@@ -13,342 +14,44 @@ with a one-line :class:`~ovdense.errors.OvdenseError` that says what to download
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import OvdenseError, first_line
-from ..weights import hub_reachable, load_strict, read_checkpoint, resolve_device
+from ..errors import OvdenseError, cause_line
+from ..precision import autocast
+from ..weights import hub_reachable, resolve_device
 from .losses import attention_chain as _chain
 from .losses import resize_attention
-from .tiny_teachers import TEST_VFM_MODELS
 
 __all__ = [
     "DEFAULT_SD_LAYERS",
     "DEFAULT_SD_MODEL",
-    "VFM_MODELS",
     "AttentionCapture",
     "ClipTeacher",
     "SdTeacher",
-    "VfmTeacher",
     "load_sd",
-    "load_vfm",
     "resize_attention",
     "select_attn_layers",
 ]
 
-#: VFM names (DeCLIP's options) -> timm model. DeCLIP's ``dinov2-B`` is torch hub's ``dinov2_vitb14_reg``,
-#: the ViT-B/14 *with registers*, here ``dinov2-b-reg`` (the default of the B/16 recipe; L/14 uses
-#: ``dinov2-l-reg``). DeCLIP's SAM options are not offered.
-VFM_MODELS: dict[str, str] = {
-    "dinov2-s": "vit_small_patch14_dinov2.lvd142m",
-    "dinov2-b": "vit_base_patch14_dinov2.lvd142m",
-    "dinov2-l": "vit_large_patch14_dinov2.lvd142m",
-    "dinov2-s-reg": "vit_small_patch14_reg4_dinov2.lvd142m",
-    "dinov2-b-reg": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "dinov2-l-reg": "vit_large_patch14_reg4_dinov2.lvd142m",
-    "dino-b8": "vit_base_patch8_224.dino",
-    "dino-b16": "vit_base_patch16_224.dino",
-}
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: Ours: the up-path self-attention layers at the two finest resolutions (DESIGN "Extended version").
 DEFAULT_SD_LAYERS = "up-finest-2"
 
-_VFM_OFFLINE_HELP = (
-    "On a machine with internet run `python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\"` "
-    "and copy ~/.cache/huggingface/hub to this machine (or set HF_HUB_CACHE), "
-    "or pass a local weights file with --vfm-checkpoint / checkpoint="
-)
 _SD_OFFLINE_HELP = (
     'On a machine with internet run `python -c "from diffusers import StableDiffusionPipeline; '
     "StableDiffusionPipeline.from_pretrained('{repo}')\"` and copy ~/.cache/huggingface/hub to this machine "
     "(or set HF_HUB_CACHE), or pass a local diffusers folder with --sd-model / model="
 )
 _DIFFUSION_EXTRA = "the Stable Diffusion teacher needs the diffusion extra: pip install 'ovdense[diffusion]'"
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of the innermost cause (hub and timm errors wrap the one that says what happened)."""
-    cause = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    return first_line(cause)
-
-
-def _autocast(device: torch.device):
-    """fp16 autocast on CUDA (DESIGN: the VFM "run in fp16"); plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-# -- VFM ------------------------------------------------------------------------------------------------
-
-
-class VfmTeacher:
-    """A frozen timm ViT giving dense patch features of a proxy image.
-
-    Args:
-        model: timm ViT (``VisionTransformer`` or any timm model with ``patch_embed`` and
-            ``num_prefix_tokens``), built with ``dynamic_img_size=True``.
-        name: the VFM name it was loaded under.
-        source: where the weights came from.
-        pos_interp: how the position table is resized to a proxy grid other than the pretraining one.
-            ``reference`` (default): as the torch hub models DeCLIP ran, DINO's and DINOv2's own
-            ``interpolate_pos_encoding``: without registers (DINO, DINOv2) bicubic with ``scale_factor =
-            (n + 0.1) / M``, no antialias; with registers (``dinov2_vit*14_reg``, built with
-            ``interpolate_offset=0, interpolate_antialias=True``) bicubic to the exact size, antialiased —
-            the same as timm. ``timm``: timm's ``forward_features`` (exact size, antialiased). Only
-            ``VisionTransformer`` models use ``reference``; other timm models always run ``timm``.
-        is_test_model: a random test architecture.
-
-    Attributes:
-        patch_size: int, the square patch side.
-        mean, std: normalisation of the proxy (ImageNet for DINO / DINOv2), from timm's pretrained cfg.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        name: str = "",
-        source: str = "",
-        pos_interp: str = "reference",
-        is_test_model: bool = False,
-    ):
-        if pos_interp not in ("reference", "timm"):
-            raise OvdenseError(f"unknown position interpolation {pos_interp!r}; expected reference or timm")
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if patch is None or not hasattr(model, "num_prefix_tokens"):
-            raise OvdenseError(f"VFM {name or type(model).__name__} is not a ViT with a patch embedding")
-        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-        if patch[0] != patch[1]:
-            raise OvdenseError(f"VFM {name} has non-square patches {patch}; only square patches are supported")
-        self.model = model.eval().requires_grad_(False)
-        self.name = name
-        self.source = source
-        self.pos_interp = pos_interp
-        self.is_test_model = is_test_model
-        self.patch_size = int(patch[0])
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(v) for v in cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
-        self.std = tuple(float(v) for v in cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def proxy_size(self, grid: int) -> int:
-        """Proxy image side for a ``grid`` x ``grid`` feature map (DeCLIP: (560 // 16) * 14 = 490)."""
-        return int(grid) * self.patch_size
-
-    def _reference_pos_embed(self, x: Tensor) -> Tensor:
-        """timm's ``_pos_embed`` with DINO / DINOv2's position-table resize.
-
-        Args:
-            x: B x h x w x C patch embeddings (timm's NHWC output with ``dynamic_img_size``).
-
-        Returns:
-            B x (prefix + h*w) x C tokens with position embeddings, prefix (cls, registers) first.
-        """
-        m = self.model
-        b, h, w, c = x.shape
-        n_pre_pos = 0 if m.no_embed_class else m.num_prefix_tokens
-        pos = m.pos_embed
-        prefix_pos, patch_pos = pos[:, :n_pre_pos], pos[:, n_pre_pos:]
-        gh, gw = m.patch_embed.grid_size
-        if (h, w) != (gh, gw) and m.reg_token is not None:
-            # DINOv2 with registers (hub: interpolate_offset=0, interpolate_antialias=True): exact size.
-            table = patch_pos.float().reshape(1, gh, gw, c).permute(0, 3, 1, 2)
-            table = F.interpolate(table, size=(h, w), mode="bicubic", antialias=True)
-            patch_pos = table.permute(0, 2, 3, 1).reshape(1, h * w, c).to(pos.dtype)
-        elif (h, w) != (gh, gw):
-            # DINO, DINOv2 without registers: scale_factor (n + 0.1) / M rather than size=n: the sampling positions
-            # differ slightly from an exact-size resize, and the weights were evaluated with these.
-            table = patch_pos.float().reshape(1, gh, gw, c).permute(0, 3, 1, 2)
-            table = F.interpolate(table, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
-            if tuple(table.shape[-2:]) != (h, w):  # floor(M * (n + 0.1) / M) is n unless float error
-                raise RuntimeError(f"position table resized to {tuple(table.shape[-2:])}, expected {(h, w)}")
-            patch_pos = table.permute(0, 2, 3, 1).reshape(1, h * w, c).to(pos.dtype)
-        x = x.reshape(b, h * w, c)
-        prefix = [t.expand(b, -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
-        if m.no_embed_class:
-            # DINOv2 with registers (timm layout): the cls position is folded into cls_token, registers have none.
-            return torch.cat([*prefix, x + patch_pos], dim=1)
-        return torch.cat([*prefix, x], dim=1) + torch.cat([prefix_pos, patch_pos], dim=1)
-
-    def _tokens(self, proxy: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """All tokens after the final norm (B x (prefix + h*w) x C) and the grid (h, w)."""
-        m = self.model
-        use_reference = (
-            self.pos_interp == "reference"
-            and isinstance(m, timm.models.vision_transformer.VisionTransformer)
-            and m.pos_embed is not None
-            and m.dynamic_img_size
-        )
-        if use_reference:
-            x = m.patch_embed(proxy)  # B x h x w x C
-            grid = (int(x.shape[1]), int(x.shape[2]))
-            x = m.norm_pre(m.patch_drop(self._reference_pos_embed(x)))
-            x = m.norm(m.blocks(x))
-            return x, grid
-        grid = (proxy.shape[-2] // self.patch_size, proxy.shape[-1] // self.patch_size)
-        return m.forward_features(proxy), grid
-
-    def features(self, proxy: Tensor) -> Tensor:
-        """Dense VFM features: last block, after the final norm, patch tokens only.
-
-        Equals DINOv2's ``get_intermediate_layers(x, reshape=True)[0]`` (norm=True) and DINO's
-        ``get_intermediate_layers(x)[0][:, 1:]`` reshaped (with ``pos_interp="reference"``); the cls and
-        register tokens (``num_prefix_tokens``) are dropped. fp16 autocast on CUDA, fp32 on the CPU.
-
-        Args:
-            proxy: B x 3 x P x P (or P_h x P_w) image normalised with :attr:`mean` / :attr:`std`;
-                sides are multiples of :attr:`patch_size` (a remainder is cut off by the patch embedding).
-
-        Returns:
-            B x C x (P_h / patch) x (P_w / patch) float32, no grad.
-        """
-        if proxy.ndim != 4 or proxy.shape[1] != 3:
-            raise ValueError(f"proxy: expected B x 3 x H x W, got {tuple(proxy.shape)}")
-        proxy = proxy.to(self.device, torch.float32)
-        with torch.no_grad(), _autocast(proxy.device):
-            tokens, (h, w) = self._tokens(proxy)
-        patches = tokens[:, self.model.num_prefix_tokens :].float()
-        if patches.shape[1] != h * w:
-            raise RuntimeError(f"VFM returned {patches.shape[1]} patch tokens for a {h} x {w} grid")
-        return patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
-
-
-def _resolve_vfm_name(name: str) -> tuple[str, bool]:
-    """VFM name -> (timm model name, is a test architecture)."""
-    if name in VFM_MODELS:
-        return VFM_MODELS[name], False
-    if name in TEST_VFM_MODELS:
-        return TEST_VFM_MODELS[name], True
-    if name.startswith("timm:"):
-        timm_name = name[len("timm:") :]
-        if not timm_name or not timm.is_model(timm_name):
-            raise OvdenseError(f"unknown timm model {timm_name!r} (from {name!r}); see timm.list_models()")
-        return timm_name, timm_name in TEST_VFM_MODELS.values()
-    raise OvdenseError(
-        f"unknown VFM {name!r}; available: {', '.join(VFM_MODELS)}, timm:<timm model name> "
-        f"(test architecture: {', '.join(TEST_VFM_MODELS)})"
-    )
-
-
-def _check_timm_weights_available(name: str, timm_name: str) -> None:
-    """Fail in seconds, not after the hub client's retries, when timm's weights can't be had.
-
-    Weights already in the hub cache pass; offline (``HF_HUB_OFFLINE``) without them fails at once;
-    otherwise the download host must accept a connection.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-    except RuntimeError as err:  # an invalid tag
-        raise OvdenseError(f"{name}: {_first_line(err)}") from None
-    if cfg is None or not cfg.has_weights:
-        raise OvdenseError(f"timm has no pretrained weights for {timm_name}; pass a weights file with checkpoint=")
-    if cfg.hf_hub_id:
-        repo_id, _, revision = cfg.hf_hub_id.partition("@")
-        # timm's names: an explicit filename, else model.safetensors before pytorch_model.bin.
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in files):
-            return
-        if constants.HF_HUB_OFFLINE:
-            reason = "HF_HUB_OFFLINE is set"
-        else:
-            reason = hub_reachable(constants.ENDPOINT)
-    elif cfg.url:
-        from timm.models._hub import check_cached_file
-
-        if check_cached_file(cfg.url):
-            return
-        reason = hub_reachable(cfg.url)
-    else:
-        return  # a local file or state dict named by the cfg itself
-    if reason:
-        raise OvdenseError(
-            f"weights for {name} ({timm_name}) are not in the local cache and could not be downloaded "
-            f"({reason}). " + _VFM_OFFLINE_HELP.format(timm_name=timm_name)
-        )
-
-
-def _vfm_state_dict(path: str | Path, model: torch.nn.Module) -> dict[str, Tensor]:
-    state_dict, _ = read_checkpoint(path)
-    if "mask_token" in state_dict and isinstance(model, timm.models.vision_transformer.VisionTransformer):
-        # DINOv2's own release files (dinov2_vit*14[_reg4]_pretrain.pth): timm's converter renames and folds
-        # them into its layout (registers, the cls position); DINO's releases already use timm's keys.
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        try:
-            state_dict = checkpoint_filter_fn(dict(state_dict), model)
-        except Exception as err:
-            raise OvdenseError(f"checkpoint {path} does not fit the VFM: {_first_line(err)}") from None
-    own = model.state_dict()
-    # The teacher is built without a classifier (num_classes=0); a head in the file is unused, not a misfit.
-    return {k: v for k, v in state_dict.items() if k in own or not k.startswith(("head.", "fc_norm."))}
-
-
-def load_vfm(
-    name: str = "dinov2-b-reg",
-    checkpoint: str | Path | None = None,
-    device: str | torch.device | None = "cpu",
-    pos_interp: str = "reference",
-) -> VfmTeacher:
-    """Load a frozen VFM teacher.
-
-    Args:
-        name: ``dinov2-{s,b,l}``, ``dinov2-{s,b,l}-reg`` (with registers; DeCLIP's ``dinov2-B`` is
-            ``dinov2-b-reg``, torch hub ``dinov2_vitb14_reg``), ``dino-b8``, ``dino-b16``, ``timm:<name>``
-            (any timm ViT), or the random test architecture ``test-dinov2``.
-        checkpoint: a local weights file (safetensors or torch; timm layout, or DINOv2's own release file);
-            ``name`` picks the architecture, the file must fit it exactly (strict load; a classifier head
-            in the file is ignored). Without it the
-            weights come from the Hugging Face hub (cache) through timm.
-        device: where to put the model.
-        pos_interp: see :class:`VfmTeacher`.
-
-    Raises:
-        OvdenseError: unknown name, no weights (offline, not cached), missing / corrupt / mismatched file.
-    """
-    dev = resolve_device(device)
-    timm_name, test_arch = _resolve_vfm_name(name)
-    if checkpoint is None and not test_arch:
-        _check_timm_weights_available(name, timm_name)
-    pretrained = checkpoint is None and not test_arch
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # test archs and the shell a checkpoint fills: reproducible init
-            model = timm.create_model(timm_name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
-    except Exception as err:
-        if pretrained:
-            raise OvdenseError(
-                f"weights for {name} ({timm_name}) could not be loaded ({_first_line(err)}). "
-                + _VFM_OFFLINE_HELP.format(timm_name=timm_name)
-            ) from None
-        raise OvdenseError(f"cannot build VFM {name} ({timm_name}): {_first_line(err)}") from None
-    if checkpoint is not None:
-        load_strict(model, _vfm_state_dict(checkpoint, model), f"VFM {name} ({timm_name})")
-        source = str(checkpoint)
-    elif test_arch:
-        source = "random (test architecture)"
-    else:
-        source = f"timm {timm_name}"
-    logging.getLogger(__name__).debug("loaded VFM %s from %s", name, source)
-    return VfmTeacher(model.to(dev), name=name, source=source, pos_interp=pos_interp, is_test_model=test_arch)
 
 
 # -- Stable Diffusion -----------------------------------------------------------------------------------
@@ -688,7 +391,7 @@ def load_sd(
     except OvdenseError:
         raise
     except Exception as err:
-        raise OvdenseError(f"cannot load Stable Diffusion from {where}: {_first_line(err)}") from None
+        raise OvdenseError(f"cannot load Stable Diffusion from {where}: {cause_line(err)}") from None
     return SdTeacher(
         vae.to(dev),
         unet.to(dev),
@@ -729,5 +432,5 @@ class ClipTeacher:
             K x D float32, no grad (fp16 autocast on CUDA).
         """
         crops = crops.to(self.device)
-        with torch.no_grad(), _autocast(crops.device):
+        with torch.no_grad(), autocast("auto", crops.device):  # fp16 on CUDA, fp32 elsewhere
             return self.model.encode_image(crops, normalize=True).float()

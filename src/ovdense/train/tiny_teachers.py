@@ -1,13 +1,9 @@
-"""Tiny random teacher architectures for tests and smoke runs (never a stand-in for real weights).
+"""Tiny random teacher for tests and smoke runs (never a stand-in for real weights).
 
-- ``ovdense_test_dinov2``: a timm ``VisionTransformer`` laid out like DINOv2 with registers (patch 14,
-  4 register tokens, layer scale, ``no_embed_class``), width 32, 2 blocks, native 56 px (a 4 x 4 grid),
-  ImageNet mean/std in its pretrained cfg. Its VFM name is ``test-dinov2`` (see :data:`TEST_VFM_MODELS`);
-  the ``test`` in both names is there so that nobody mistakes it for a real DINOv2.
 - :func:`save_tiny_sd`: a Stable-Diffusion-shaped diffusers folder (VAE, UNet, CLIP text encoder and
   tokenizer, DDPM scheduler) of a few thousand random parameters, for :func:`~ovdense.train.teachers.load_sd`.
 
-Importing this module registers the timm architecture (idempotent).
+The random VFM test architectures (``test-dinov2``, ``test-dino``) are the library's: see :mod:`ovdense.vfm`.
 """
 
 from __future__ import annotations
@@ -15,57 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["TEST_DINOV2_ARCH", "TEST_VFM_MODELS", "save_tiny_sd"]
-
-TEST_DINOV2_ARCH = "ovdense_test_dinov2"
-#: VFM names of the test architectures -> timm architecture.
-TEST_VFM_MODELS = {"test-dinov2": TEST_DINOV2_ARCH}
-
-# register_model reads this module's ``default_cfgs``: no url / hub id, so timm knows it has no weights.
-default_cfgs = generate_default_cfgs(
-    {
-        TEST_DINOV2_ARCH: {
-            "input_size": (3, 56, 56),
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        }
-    }
-)
-
-
-def ovdense_test_dinov2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A 2-block, width-32 DINOv2-with-registers-style ViT/14 (random init only)."""
-    if pretrained:
-        raise ValueError(f"{TEST_DINOV2_ARCH} is a random test architecture; it has no pretrained weights")
-    args = dict(
-        img_size=56,
-        patch_size=14,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        init_values=1e-5,
-        reg_tokens=4,
-        no_embed_class=True,
-        num_classes=0,
-    )
-    args.update(kwargs)
-    return build_model_with_cfg(VisionTransformer, TEST_DINOV2_ARCH, pretrained=False, **args)
-
-
-# Registering twice (a reload of this module) would make timm warn and clear the first entry's cfgs.
-if not timm.is_model(TEST_DINOV2_ARCH):
-    register_model(ovdense_test_dinov2)
+__all__ = ["save_tiny_sd"]
 
 
 # -- Stable Diffusion ---------------------------------------------------------------------------------
