@@ -102,6 +102,8 @@ def test_list_commands(capsys):
         "declip",
         "scclip",
         "resclip",
+        "proxyclip",
+        "corrclip",
         "clip",
         "maskclip",
     ]

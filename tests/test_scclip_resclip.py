@@ -385,5 +385,5 @@ def test_resclip_features_follow_the_class_list(vit12):
     assert len(seg._features) == 1  # the same list reuses its pass
     seg.predict("tree; car; road")
     assert len(seg._features) == 2  # its first-pass labels, and so its features, differ
-    with pytest.raises(Exception, match="segments inside its pass"):
+    with pytest.raises(Exception, match="needs the class list or masks inside its pass"):
         seg.classify_regions("sky; person", boxes=[[0, 0, 50, 50]])

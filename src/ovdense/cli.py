@@ -21,12 +21,16 @@ from .presets import DATASETS, METHODS
 EXIT_USAGE = 2
 
 
-def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, masks: bool = False) -> None:
     from .precision import PRECISIONS
     from .presets import DECLIP_MODES
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or hf-hub:org/repo (default ViT-B-16)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="open_clip architecture or hf-hub:org/repo (default ViT-B-16; corrclip: ViT-B-16-quickgelu, MetaCLIP)",
+    )
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
     g.add_argument(
         "--checkpoint",
@@ -53,6 +57,28 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True) -
     g.add_argument(
         "--text-cache", default=None, help="text-embedding cache dir ('off' disables; default $OVDENSE_CACHE/text)"
     )
+    g.add_argument(
+        "--vfm",
+        default=None,
+        help="VFM of proxyclip/corrclip (default dino-b8): dino-{s,b}{8,16}, dinov2-{s,b,l}[-reg], timm:NAME",
+    )
+    g.add_argument("--vfm-checkpoint", default=None, help="local weights file of the VFM (DINO/timm layout)")
+    if masks:
+        g.add_argument(
+            "--masks-dir",
+            default=None,
+            help="corrclip's class-agnostic masks: <image stem>.npz files (instance_mask); for eval the folder "
+            "holding voc/, context/, coco/, city/, ade/ (CorrCLIP's region_masks)",
+        )
+        g.add_argument(
+            "--mask-generator",
+            default=None,
+            choices=("sam",),
+            help="corrclip: generate the masks with transformers' SAM instead (pip install 'ovdense[masks]')",
+        )
+        g.add_argument(
+            "--mask-model", default=None, help="SAM model of --mask-generator (default facebook/sam-vit-base)"
+        )
     g.add_argument(
         "--max-pixels",
         type=int,
@@ -83,6 +109,44 @@ def _preset_overrides(args) -> dict:
     pamr = getattr(args, "pamr", None)
     overrides["pamr"] = None if pamr is None else pamr == "on"
     return overrides
+
+
+def _apply_method_weights(args, preset) -> None:
+    """The CLIP a method's authors default to (CorrCLIP: MetaCLIP) when --model is not given; else ViT-B-16."""
+    if args.model is None:
+        args.model = preset.model or "ViT-B-16"
+        if preset.pretrained and not args.pretrained and not args.checkpoint:
+            args.pretrained = preset.pretrained
+
+
+def _check_method_inputs(args, preset, image_paths=None, dataset=None) -> None:
+    """The VFM and mask flags against what the method's head uses, and every image's mask file, before any
+    model loads."""
+    from .heads import HEADS
+    from .masks import region_map_for
+
+    head = HEADS[preset.head]
+    if (args.vfm or args.vfm_checkpoint) and not head.uses_vfm:
+        raise OvdenseError(
+            f"--vfm and --vfm-checkpoint apply to methods with a VFM (proxyclip, corrclip), not {args.method}"
+        )
+    masks_dir, generator = getattr(args, "masks_dir", None), getattr(args, "mask_generator", None)
+    if (masks_dir or generator or getattr(args, "mask_model", None)) and not head.uses_masks:
+        raise OvdenseError(f"--masks-dir, --mask-generator and --mask-model apply to corrclip, not {args.method}")
+    if not head.uses_masks:
+        return
+    if masks_dir and generator:
+        raise OvdenseError("give --masks-dir or --mask-generator, not both")
+    if not masks_dir and not generator:
+        raise OvdenseError(
+            f"{args.method} needs class-agnostic masks: --masks-dir DIR (CorrCLIP's <image stem>.npz files) or "
+            "--mask-generator sam"
+        )
+    if masks_dir:
+        if not Path(masks_dir).is_dir():
+            raise OvdenseError(f"--masks-dir {masks_dir} is not a folder")
+        for path in image_paths or ():
+            region_map_for(masks_dir, path, dataset)  # one line naming the first image without a mask file
 
 
 def _default_pretrained(args) -> str | None:
@@ -200,6 +264,8 @@ def cmd_segment(args) -> int:
     if renamed:
         print(f"note: images share file names; writing them as: {', '.join(renamed)}", file=sys.stderr)
     preset = _resolve_preset(args, args.dataset)
+    _apply_method_weights(args, preset)
+    _check_method_inputs(args, preset, images)
     loaded = _load_for_cli(args)
     seg = _segmenter(args, loaded, preset)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,17 +338,40 @@ def _resolve_preset(args, dataset: str | None):
         raise OvdenseError(str(err)) from None
 
 
-def _segmenter(args, loaded, preset):
+def _segmenter(args, loaded, preset, vfm=None):
+    from .heads import HEADS
     from .predictor import Segmenter
 
+    device = next(loaded.model.parameters()).device
+    head = HEADS[preset.head]
+    if head.uses_vfm and vfm is None:
+        vfm = _load_vfm_for_cli(args, preset, device)
+    generator = None
+    if head.uses_masks and getattr(args, "mask_generator", None):
+        from .mask_generators import mask_generator
+
+        kwargs = {"model": args.mask_model} if args.mask_model else {}
+        generator = mask_generator(args.mask_generator, device=device, **kwargs)
     return Segmenter(
         loaded,
         preset,
-        next(loaded.model.parameters()).device,
+        device,
         precision=args.precision,
         window_batch=args.window_batch,
         text_cache_dir=False if args.text_cache == "off" else args.text_cache,
+        vfm=vfm,
+        masks_dir=getattr(args, "masks_dir", None) if head.uses_masks else None,
+        mask_generator=generator,
     )
+
+
+def _load_vfm_for_cli(args, preset, device, verbose: bool = True):
+    from .vfm import load_vfm
+
+    vfm = load_vfm(args.vfm or preset.vfm, checkpoint=args.vfm_checkpoint, device=device)
+    if verbose and vfm.is_test_model:
+        _warn_test_model(f"the VFM {vfm.name}")
+    return vfm
 
 
 def cmd_eval(args) -> int:
@@ -308,6 +397,10 @@ def cmd_eval(args) -> int:
     if missing:
         raise OvdenseError(f"{len(missing)} of {len(names)} datasets cannot be read: " + " | ".join(missing))
     presets = [_resolve_preset(args, name) for name in names]
+    _apply_method_weights(args, presets[0])
+    for dataset, preset in zip(datasets, presets, strict=True):
+        paths = [img for img, _ in dataset.samples[: args.limit]]
+        _check_method_inputs(args, preset, paths, dataset.spec.name)
     info = init_distributed_from_env(args.device)
     device = args.device
     if device is None and info.world_size > 1 and _cuda_available():
@@ -315,9 +408,14 @@ def cmd_eval(args) -> int:
     args.device = device
     loaded = _load_for_cli(args, verbose=info.is_main)
     model_tag = args.model if not args.checkpoint else Path(args.checkpoint).stem
+    from .heads import HEADS
+
+    vfm = None
+    if HEADS[presets[0].head].uses_vfm:  # one VFM for every benchmark
+        vfm = _load_vfm_for_cli(args, presets[0], next(loaded.model.parameters()).device, verbose=info.is_main)
     results = {}
     for dataset, preset in zip(datasets, presets, strict=True):
-        seg = _segmenter(args, loaded, preset)
+        seg = _segmenter(args, loaded, preset, vfm)
         stem = f"{dataset.spec.name}_{preset.method}"
         save_dir = out / "predictions" / stem if args.save_predictions else None
         metrics = evaluate(seg, dataset, limit=args.limit, num_workers=args.workers, save_dir=save_dir)
@@ -361,6 +459,8 @@ def cmd_eval_regions(args) -> int:
     if len(dataset) == 0:
         raise OvdenseError(f"{args.data_root}: the {args.split} panoptic annotations list no images")
     preset = _resolve_preset(args, None)
+    _apply_method_weights(args, preset)
+    _check_method_inputs(args, preset)
     info = init_distributed_from_env(args.device)
     if args.device is None and info.world_size > 1 and _cuda_available():
         args.device = f"cuda:{info.local_rank}"
@@ -608,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     seg.add_argument("--dataset", default=None, choices=DATASETS, help="use the method's settings for this benchmark")
-    _add_model_args(seg)
+    _add_model_args(seg, masks=True)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
     ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
@@ -618,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON; default results)")
     ev.add_argument("--save-predictions", action="store_true", help="also write label PNGs and overlays")
     ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
-    _add_model_args(ev)
+    _add_model_args(ev, masks=True)
     ev.set_defaults(func=cmd_eval)
     er = sub.add_parser("eval-regions", help="region classification on COCO panoptic (boxes, masks, crops)")
     er.add_argument("--data-root", default="data/coco", help="folder holding val2017/ and annotations/")

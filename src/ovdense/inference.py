@@ -175,16 +175,20 @@ def encode_windows(
     window_batch: int = 16,
     pad_to_patch: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    extra: torch.Tensor | None = None,
+    extra_pad: float = 0.0,
 ) -> WindowFeatures:
     """Run the image tower over every sliding window, ``window_batch`` windows per call.
 
     Args:
         image: 1 x 3 x H x W normalised network input.
-        encode_dense: maps B x 3 x h x w to B x D x h' x w' L2-normalised dense features.
+        encode_dense: maps B x 3 x h x w to B x D x h' x w' L2-normalised dense features; with ``extra``,
+            called as ``encode_dense(batch, extra_batch)``.
         crop, stride: see :func:`sliding_windows`.
         window_batch: most windows per ``encode_dense`` call; bounds memory, does not change results.
         pad_to_patch: if > 0, zero-pad each window (centred) to a multiple of this patch size first.
         progress: called as ``progress(windows_done, windows_total)`` after each batch.
+        extra: 1 x K x H x W maps cut into the same windows (region ids of CorrCLIP), padded with ``extra_pad``.
 
     Returns:
         :class:`WindowFeatures` holding num_windows x D x h' x w' features.
@@ -203,10 +207,17 @@ def encode_windows(
 
     chunks = []
     for start in range(0, len(windows), window_batch):
-        batch = torch.cat([image[:, :, a:b, c:d] for a, b, c, d in windows[start : start + window_batch]])
+        chunk = windows[start : start + window_batch]
+        batch = torch.cat([image[:, :, a:b, c:d] for a, b, c, d in chunk])
         if any(padding):
             batch = F.pad(batch, padding)
-        feats = encode_dense(batch)
+        if extra is None:
+            feats = encode_dense(batch)
+        else:
+            extra_batch = torch.cat([extra[:, :, a:b, c:d] for a, b, c, d in chunk])
+            if any(padding):
+                extra_batch = F.pad(extra_batch, padding, value=extra_pad)
+            feats = encode_dense(batch, extra_batch)
         if feats.ndim != 4 or feats.shape[0] != batch.shape[0]:
             raise ValueError(
                 f"encode_dense must return B x D x h' x w' with B={batch.shape[0]}, got {tuple(feats.shape)}"

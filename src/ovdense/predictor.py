@@ -14,8 +14,11 @@ from . import regions
 from .classes import normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, TextQuery, create_head
+from .heads.corrclip import MERGED_OFFSET
+from .heads.corrclip import nearest as nearest_ids
 from .images import as_rgb8_array, decode_image
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
+from .masks import as_region_map, read_region_map, region_map_for, vote
 from .pamr import pamr
 from .precision import autocast, check_precision
 from .presets import Preset, get_preset
@@ -115,10 +118,40 @@ class Segmenter:
         window_batch: int = 16,
         text_cache_dir=None,
         templates=OPENAI_TEMPLATES,
+        vfm=None,
+        masks_dir: str | Path | None = None,
+        mask_generator=None,
     ):
+        """
+        Args:
+            loaded: the CLIP (:func:`ovdense.weights.load_model`).
+            preset: the method's settings (:func:`ovdense.presets.get_preset`).
+            device: where the towers run.
+            precision, window_batch, text_cache_dir: see :meth:`from_pretrained`.
+            templates: prompt templates of :meth:`predict`.
+            vfm: an :class:`ovdense.vfm.Vfm`, for methods whose head uses one (ProxyCLIP, CorrCLIP).
+            masks_dir: for methods that use class-agnostic masks (CorrCLIP): a folder of CorrCLIP-style
+                ``<image stem>.npz`` files read by :meth:`set_image` for images given as paths.
+            mask_generator: for the same methods: a callable ``image (H x W x 3 uint8) -> H x W region ids``
+                (e.g. :class:`ovdense.mask_generators.SamMaskGenerator`), used when no masks are given.
+        """
         check_precision(precision, device)
         if window_batch < 1:
             raise OvdenseError("window_batch must be >= 1")
+        head_cls = create_head(preset.head, **preset.head_kwargs)
+        if head_cls.uses_vfm and vfm is None:
+            raise InvalidArgumentError(
+                f"vfm: the {preset.method} head needs a vision foundation model (e.g. load_vfm({preset.vfm!r}))"
+            )
+        if vfm is not None and not head_cls.uses_vfm:
+            raise InvalidArgumentError(f"vfm: the {preset.method} head uses no vision foundation model")
+        if (masks_dir is not None or mask_generator is not None) and not head_cls.uses_masks:
+            raise InvalidArgumentError(f"masks_dir, mask_generator: the {preset.method} head uses no region masks")
+        if masks_dir is not None and not Path(masks_dir).is_dir():
+            raise OvdenseError(f"masks folder not found: {masks_dir}")
+        self.vfm = vfm
+        self.masks_dir = None if masks_dir is None else Path(masks_dir)
+        self.mask_generator = mask_generator
         self.loaded = loaded
         self.preset = preset
         self.device = device
@@ -126,7 +159,7 @@ class Segmenter:
         self.window_batch = window_batch
         self.text_cache_dir = text_cache_dir
         self.templates = templates
-        self.head: DenseHead = create_head(preset.head, **preset.head_kwargs)
+        self.head: DenseHead = head_cls
         tower = loaded.tower
         self._mean, self._std = (
             torch.tensor(pixel_stats(v), device=device).view(1, 3, 1, 1)
@@ -138,6 +171,7 @@ class Segmenter:
         # Window features per text classifier (key None: heads whose features do not depend on the text).
         self._features: dict[int | None, WindowFeatures] = {}
         self._region_maps: dict[int, tuple[torch.Tensor, float]] = {}
+        self._regions: np.ndarray | None = None  # H x W region ids at the image's size (CorrCLIP)
 
     @classmethod
     def from_pretrained(
@@ -151,6 +185,10 @@ class Segmenter:
         precision: str = "auto",
         window_batch: int = 16,
         text_cache_dir=None,
+        vfm: str | None = None,
+        vfm_checkpoint: str | Path | None = None,
+        masks_dir: str | Path | None = None,
+        mask_generator=None,
         **options,
     ) -> Segmenter:
         """Load weights and a method preset.
@@ -166,6 +204,10 @@ class Segmenter:
                 ``bf16``.
             window_batch: sliding windows per forward pass (bounds memory).
             text_cache_dir: where text embeddings are cached (``False`` disables).
+            vfm: the vision foundation model of a method that uses one (default: the method's, ``dino-b8`` for
+                ProxyCLIP and CorrCLIP); see :func:`ovdense.vfm.load_vfm`.
+            vfm_checkpoint: a local weights file for it.
+            masks_dir, mask_generator: region masks of CorrCLIP (see :class:`Segmenter`).
             options: the method's options (``mode="qq"`` for ``declip``) and any
                 :class:`ovdense.presets.Preset` setting (``crop=448``, ``prob_thd=0.3``...).
 
@@ -177,20 +219,33 @@ class Segmenter:
             preset = get_preset(method, dataset, **options)
         except ValueError as err:
             raise InvalidArgumentError(str(err)) from None
+        uses_vfm = create_head(preset.head, **preset.head_kwargs).uses_vfm
+        if (vfm is not None or vfm_checkpoint is not None) and not uses_vfm:
+            raise InvalidArgumentError(f"vfm: the {method} head uses no vision foundation model")
         loaded = load_model(model_name, pretrained=pretrained, checkpoint=checkpoint, device=device)
         device = next(loaded.model.parameters()).device
-        return cls(loaded, preset, device, precision, window_batch, text_cache_dir)
+        vfm_model = None
+        if uses_vfm:
+            from .vfm import load_vfm
+
+            vfm_model = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+        return cls(
+            loaded, preset, device, precision, window_batch, text_cache_dir,
+            vfm=vfm_model, masks_dir=masks_dir, mask_generator=mask_generator,
+        )  # fmt: skip
 
     # -- image side -------------------------------------------------------------------------------
     def _autocast(self):
         return autocast(self.precision, self.device)
 
-    def _encode(self, images: torch.Tensor, text: TextQuery | None = None) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, text: TextQuery | None = None, masks=None) -> torch.Tensor:
         with self._autocast():
-            return self.head.encode_dense(self.loaded.tower, images, self.preset.pos_rule, text=text)
+            return self.head.encode_dense(
+                self.loaded.tower, images, self.preset.pos_rule, text=text, vfm=self.vfm, masks=masks
+            )
 
     @torch.no_grad()
-    def set_image(self, image) -> None:
+    def set_image(self, image, masks=None) -> None:
         """Decode, resize (mmseg rule) and normalise an image; the image tower runs on first use.
 
         The first :meth:`predict` runs the tower over every sliding window, the first
@@ -198,15 +253,39 @@ class Segmenter:
 
         Args:
             image: a path, a PIL image or an array (see :func:`load_image`).
+            masks: for methods that use class-agnostic masks (CorrCLIP): the image's H x W region ids (the
+                smallest id = unsegmented, see :mod:`ovdense.masks`). Without them they come from
+                ``masks_dir`` (images given as paths) or the ``mask_generator``.
+
+        Raises:
+            OvdenseError: an unreadable image; masks of the wrong size, or none where the method needs them.
         """
         img = load_image(image)
+        regions = None
+        if masks is not None:
+            if not self.head.uses_masks:
+                raise InvalidArgumentError(f"masks: the {self.preset.method} head uses no region masks")
+            regions = as_region_map(masks, img.shape[:2])
+        elif self.head.uses_masks:
+            regions = self._find_regions(image, img)
         p = self.preset
         resized = mmseg_resize(img, p.long_side, p.short_side)
         x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float()
         self._image = img
         self._input = (x - self._mean) / self._std
+        self._regions = regions
         self._features = {}
         self._region_maps = {}
+
+    def _find_regions(self, image, img: np.ndarray) -> np.ndarray:
+        if self.masks_dir is not None and isinstance(image, (str, Path)):
+            return as_region_map(read_region_map(region_map_for(self.masks_dir, image)), img.shape[:2], "mask file")
+        if self.mask_generator is not None:
+            return as_region_map(self.mask_generator(img), img.shape[:2], "mask_generator output")
+        raise OvdenseError(
+            f"the {self.preset.method} method needs class-agnostic masks: pass set_image(image, masks=...), a "
+            "masks_dir of <image stem>.npz files (--masks-dir) or a mask_generator (--mask-generator sam)"
+        )
 
     def _window_features(self, text: TextClassifier) -> WindowFeatures:
         """The windows' dense features; for heads that segment inside their pass (ResCLIP), those of ``text``
@@ -214,11 +293,19 @@ class Segmenter:
         key = id(text) if self.head.needs_text else None
         if key not in self._features:
             p = self.preset
-            pad = self.loaded.tower.patch_size if p.pad_to_patch else 0
+            pad = p.pad_multiple or (self.loaded.tower.patch_size if p.pad_to_patch else 0)
             query = TextQuery(text.embeddings.to(self.device), p.logit_scale) if self.head.needs_text else None
+            extra = None
+            if self._regions is not None:
+                # The region ids follow the image: nearest to the network input, cropped and padded (CorrCLIP
+                # pads them with its merged-region offset, 10000) like each window.
+                ids = torch.from_numpy(self._regions).to(self.device)[None]
+                extra = nearest_ids(ids, tuple(self._input.shape[-2:]))[:, None].float()
             self._features[key] = encode_windows(
-                self._input, lambda x: self._encode(x, query), p.crop, p.stride, self.window_batch, pad
-            )
+                self._input,
+                lambda x, ids=None: self._encode(x, query, None if ids is None else ids[:, 0].long()),
+                p.crop, p.stride, self.window_batch, pad, extra=extra, extra_pad=float(MERGED_OFFSET),
+            )  # fmt: skip
         return self._features[key]
 
     def text_classifier(self, classes, templates=None) -> TextClassifier:
@@ -271,8 +358,11 @@ class Segmenter:
         labels, class_probs = cosine_to_labels(
             cosine[0], text.name_to_class.to(self.device), p.logit_scale, p.prob_thd, p.area_thd
         )
+        labels = labels.cpu().numpy()
+        if self._regions is not None:
+            labels = vote(labels, self._regions)  # CorrCLIP's map correction, on the original masks
         return SegmentationResult(
-            labels=labels.cpu().numpy(),
+            labels=labels,
             probs=class_probs.float().cpu().numpy(),
             class_names=text.class_names,
             image=self._image,
@@ -300,7 +390,7 @@ class Segmenter:
             x, scale = regions.detection_input(self._image, size, tower.preprocess.mean, tower.preprocess.std)
             with self._autocast():
                 dense = self.head.encode_dense(
-                    tower, x.to(self.device), self.preset.pos_rule, tower.region_tokens_normalized
+                    tower, x.to(self.device), self.preset.pos_rule, tower.region_tokens_normalized, vfm=self.vfm
                 )
             self._region_maps[size] = (dense.float(), scale)
         return self._region_maps[size]
@@ -362,9 +452,10 @@ class Segmenter:
             raise InvalidArgumentError("pooling: 'crop' classifies boxes; pass boxes, or pooling='dense' for masks")
         if not isinstance(top_k, int) or top_k < 1:
             raise InvalidArgumentError(f"top_k: expected an integer >= 1, got {top_k!r}")
-        if self.head.needs_text and pooling == "dense":
+        if (self.head.needs_text or self.head.uses_masks) and pooling == "dense":
             raise InvalidArgumentError(
-                f"pooling: the {self.preset.method} head segments inside its pass, so it has no dense map of regions; "
+                f"pooling: the {self.preset.method} head needs the class list or masks inside its pass, so it has no "
+                "dense map of regions; "
                 "use pooling='crop' or a method such as sclip or declip"
             )
         size = self.default_region_size if image_size is None else image_size

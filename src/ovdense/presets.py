@@ -37,7 +37,12 @@ class Preset:
         pad_to_patch: zero-pad windows (centred) to a multiple of the patch size (ClearCLIP, DeCLIP).
         class_style: which benchmark class-name files the method's authors used: ``sclip`` (SCLIP and
             NACLIP: background words and synonyms), ``clearclip`` (``background`` alone, no synonyms),
-            ``declip``.
+            ``declip``, ``proxyclip``, ``corrclip`` (see :data:`ovdense.eval.datasets.CLASS_STYLES`).
+        pad_multiple: zero-pad windows (centred) to a multiple of this many pixels (ProxyCLIP, CorrCLIP: 56);
+            0 = off.
+        vfm: the vision foundation model the method's head uses by default (``dino-b8``), else ``None``.
+        model, pretrained: the CLIP weights the method's authors default to, where they are not OpenAI's
+            ViT-B/16 (CorrCLIP: MetaCLIP ``ViT-B-16-quickgelu`` / ``metaclip_fullcc``).
     """
 
     method: str
@@ -56,6 +61,10 @@ class Preset:
     pos_rule: str = "sclip"
     pad_to_patch: bool = False
     class_style: str = "sclip"
+    pad_multiple: int = 0
+    vfm: str | None = None
+    model: str | None = None
+    pretrained: str | None = None
 
     def to_dict(self) -> dict:
         """The resolved settings, for recording next to results (JSON-serialisable)."""
@@ -87,6 +96,15 @@ _SCLIP_DATASETS = {
 }
 # Baselines share SCLIP's protocol (DESIGN: "as sclip") without its area rule.
 _BASELINE_DATASETS = {k: {kk: vv for kk, vv in v.items() if kk != "area_thd"} for k, v in _SCLIP_DATASETS.items()}
+
+# ProxyCLIP's and CorrCLIP's configs (the same values in both repositories).
+_VFM_PROXY_DATASETS = {
+    "voc21": dict(prob_thd=0.2),
+    "context60": dict(prob_thd=0.15),
+    "coco_object": dict(prob_thd=0.25),
+    "cityscapes": dict(short_side=448, crop=224, stride=112),
+    "ade20k": dict(short_side=448),
+}
 
 METHODS: dict[str, Method] = {
     "sclip": Method(
@@ -168,6 +186,34 @@ METHODS: dict[str, Method] = {
             }.items()
         },
     ),
+    "proxyclip": Method(
+        "ProxyCLIP: one attention for all heads from a VFM's patch similarities (DINO B/8) on CLIP's values",
+        dict(
+            head="proxyclip",
+            short_side=336,
+            crop=336,
+            stride=112,
+            pad_multiple=56,
+            class_style="proxyclip",
+            vfm="dino-b8",
+        ),
+        _VFM_PROXY_DATASETS,
+    ),
+    "corrclip": Method(
+        "CorrCLIP: VFM correlations within class-agnostic masks, spatial and semantic branches, a vote per mask",
+        dict(
+            head="corrclip",
+            short_side=336,
+            crop=336,
+            stride=112,
+            pad_multiple=56,
+            class_style="corrclip",
+            vfm="dino-b8",
+            model="ViT-B-16-quickgelu",
+            pretrained="metaclip_fullcc",
+        ),
+        _VFM_PROXY_DATASETS,
+    ),
     "clip": Method("unchanged last block (vanilla CLIP patch tokens)", dict(head="clip"), _BASELINE_DATASETS),
     "maskclip": Method(
         "value path out_proj(v), residual and FFN kept (MaskCLIP)",
@@ -237,6 +283,8 @@ def get_preset(method: str, dataset: str | None = None, **overrides) -> Preset:
     from .heads import create_head
 
     create_head(preset.head, **preset.head_kwargs)  # an option's value is checked by its head (ValueError)
+    if preset.pad_multiple < 0:
+        raise ValueError(f"pad_multiple must be >= 0 (got {preset.pad_multiple})")
     if preset.crop < 0 or preset.stride <= 0:
         raise ValueError(f"crop must be >= 0 and stride > 0 (got crop={preset.crop}, stride={preset.stride})")
     return preset

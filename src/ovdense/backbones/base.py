@@ -28,8 +28,8 @@ class Taps:
 
     Attributes:
         states: the residual stream (B x L x C, prefix tokens first) after each of these blocks, as
-            ``context["states"][block]``. The tokens entering the last block are the state after block
-            ``num_blocks - 1``.
+            ``context["states"][block]``; block 0 is the embedding (the input of block 1). The tokens entering
+            the last block are the state after block ``num_blocks - 1``.
         attention: the per-head attention probabilities softmax(s q kᵀ) (B x heads x L x L) of each of these
             blocks, as ``context["attention"][block]``. A tapped block is computed from its parts (norm, q/k/v,
             softmax, output projection, FFN), which equals the module's own forward to fp32 rounding.
@@ -147,11 +147,13 @@ class DenseTower(nn.Module):
             return self.run_blocks(x, context, 0, self.num_blocks - 1), context
         last = self.num_blocks - 1
         wanted = set(taps.states) | set(taps.attention)
-        if any(not isinstance(i, int) or not 1 <= i <= last for i in wanted):
-            raise ValueError(f"taps name blocks {sorted(wanted)}; this tower taps blocks 1..{last}")
+        if any(not isinstance(i, int) or not 0 <= i <= last for i in wanted) or 0 in taps.attention:
+            raise ValueError(f"taps name blocks {sorted(wanted)}; this tower taps blocks 1..{last} (states also 0)")
         states, attention = {}, {}
+        if 0 in taps.states:
+            states[0] = x
         done = 0
-        for block in sorted(wanted):
+        for block in sorted(wanted - {0}):
             x = self.run_blocks(x, context, done, block - 1)
             if block in taps.attention:
                 x, attention[block] = self.block_with_attention(block - 1, x, context)
@@ -215,6 +217,14 @@ class DenseTower(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and projection into the joint space: B x L x C -> B x L x D."""
+        return self.post_proj(self.post_norm(x))
+
+    def post_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm alone (``ln_post``): B x L x C -> B x L x C."""
+        raise NotImplementedError
+
+    def post_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection alone, after :meth:`post_norm`: B x L x C -> B x L x D."""
         raise NotImplementedError
 
     # Parameter groups the trainers freeze or unfreeze.

@@ -147,6 +147,8 @@ class Eva02Tower(DenseTower):
             return []
         return list(attn.k_proj.parameters())
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.trunk
-        return self.visual.head(t.head(t.fc_norm(t.norm(x))))
+    def post_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.fc_norm(self.trunk.norm(x))
+
+    def post_proj(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.head(self.trunk.head(x))

@@ -93,6 +93,8 @@ class OpenClipViTTower(DenseTower):
         # k lives in rows C..2C of the packed in_proj: it cannot be frozen on its own (nor does DeCLIP).
         return []
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.visual.ln_post(x)
+    def post_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(x)
+
+    def post_proj(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.visual.proj if self.visual.proj is not None else x

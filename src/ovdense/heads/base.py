@@ -40,7 +40,10 @@ class DenseHead:
     that the tower's final norm and projection turn into dense features: B x L x C, or B x (h·w) x C for a head
     whose output has no prefix rows (``output_has_prefix = False``). A head that reads earlier blocks says
     which in :meth:`taps`; their values arrive in ``context`` from the same pass. A head that needs the class
-    names inside its pass (``needs_text = True``) finds a :class:`TextQuery` in ``context["text"]``.
+    names inside its pass (``needs_text = True``) finds a :class:`TextQuery` in ``context["text"]``; one that
+    needs a vision foundation model (``uses_vfm``) an :class:`ovdense.vfm.Vfm` in ``context["vfm"]``; one that
+    needs class-agnostic masks (``uses_masks``) the windows' B x H x W region ids in ``context["masks"]``. A head
+    whose features live on another grid than the tower's (a VFM's) puts it in ``context["out_grid"]``.
     """
 
     name: str = "abstract"
@@ -48,6 +51,10 @@ class DenseHead:
     output_has_prefix: bool = True
     #: Whether the pass needs the text embeddings (then the dense features depend on the class list).
     needs_text: bool = False
+    #: Whether the pass needs a vision foundation model.
+    uses_vfm: bool = False
+    #: Whether the pass needs class-agnostic region masks of each window.
+    uses_masks: bool = False
 
     def taps(self, tower: DenseTower) -> Taps:
         """The earlier blocks this head reads on ``tower`` (none by default)."""
@@ -63,6 +70,8 @@ class DenseHead:
         pos_rule: str = "sclip",
         normalize: bool = True,
         text: TextQuery | None = None,
+        vfm=None,
+        masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Dense features of a batch of images.
 
@@ -74,25 +83,33 @@ class DenseHead:
             normalize: L2-normalise each token. Region pooling on EVA02 works on the un-normalised map
                 and normalises the pooled vector, as DeCLIP does.
             text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
+            vfm: an :class:`ovdense.vfm.Vfm`, for heads with ``uses_vfm``.
+            masks: B x H x W integer region ids of each image, for heads with ``uses_masks``.
 
         Returns:
-            B x D x H/p x W/p projected features (D = joint embedding width), L2-normalised per token
-            when ``normalize``.
+            B x D x h x w projected features (D = joint embedding width; h x w the tower's grid H/p x W/p, or
+            the grid the head computes on, e.g. a VFM's), L2-normalised per token when ``normalize``.
         """
-        if self.needs_text and text is None:
-            raise ValueError(f"the {self.name} head segments inside its pass: give it the text embeddings")
+        for needed, value, what in (
+            (self.needs_text, text, "segments inside its pass: give it the text embeddings"),
+            (self.uses_vfm, vfm, "needs a vision foundation model: give it vfm="),
+            (self.uses_masks, masks, "needs class-agnostic masks of each image: give it masks="),
+        ):
+            if needed and value is None:
+                raise ValueError(f"the {self.name} head {what}")
         x, context = tower.tokens_before_last_block(images, pos_rule, self.taps(tower))
-        context["images"] = images
-        if self.needs_text:
-            context["text"] = text
-        y = self.last_block(tower, x, context)
-        y = tower.project(y)
-        if self.output_has_prefix:
-            y = y[:, tower.num_prefix_tokens :]
+        context.update(images=images, text=text, vfm=vfm, masks=masks)
+        y = self.project(tower, self.last_block(tower, x, context), context)
         if normalize:
             y = F.normalize(y, dim=-1)
-        h, w = context["grid"]
+        h, w = context.get("out_grid", context["grid"])
         return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+
+    def project(self, tower: DenseTower, y, context: dict) -> torch.Tensor:
+        """The last block's output to B x (h·w) x D dense tokens: the tower's final norm and projection, prefix
+        rows dropped (a head that mixes branches between the norm and the projection overrides this)."""
+        y = tower.project(y)
+        return y[:, tower.num_prefix_tokens :] if self.output_has_prefix else y
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
