@@ -70,14 +70,18 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, m
             help="corrclip's class-agnostic masks: <image stem>.npz files (instance_mask); for eval the folder "
             "holding voc/, context/, coco/, city/, ade/ (CorrCLIP's region_masks)",
         )
+        from .mask_generators import MASK_GENERATORS
+
         g.add_argument(
             "--mask-generator",
             default=None,
-            choices=("sam",),
-            help="corrclip: generate the masks with transformers' SAM instead (pip install 'ovdense[masks]')",
+            choices=tuple(MASK_GENERATORS),
+            help="corrclip: generate the masks with transformers' SAM or SAM2 instead (pip install 'ovdense[masks]')",
         )
         g.add_argument(
-            "--mask-model", default=None, help="SAM model of --mask-generator (default facebook/sam-vit-base)"
+            "--mask-model",
+            default=None,
+            help="SAM/SAM2 hub id or folder of --mask-generator (default facebook/sam-vit-base, facebook/sam2-hiera-large)",
         )
     g.add_argument(
         "--max-pixels",
