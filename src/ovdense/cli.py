@@ -81,7 +81,7 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, m
         g.add_argument(
             "--mask-model",
             default=None,
-            help="SAM/SAM2 hub id or folder of --mask-generator (default facebook/sam-vit-base, facebook/sam2-hiera-large)",
+            help="SAM/SAM2 hub id or folder of --mask-generator (default facebook/sam-vit-base / sam2-hiera-large)",
         )
     g.add_argument(
         "--max-pixels",
