@@ -164,7 +164,7 @@ def test_cache_hit_skips_text_tower(model, tokenizer, tmp_path):
     classes = [["sky"], ["person", "person in shirt"]]
     first = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     files = _files(tmp_path)
-    assert len(files) == 1 and files[0].endswith(".safetensors")
+    assert len(files) == 3 and all(f.endswith(".safetensors") for f in files)  # one file per name
     rec = _Recorder(model)
     try:
         second = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
@@ -177,21 +177,41 @@ def test_cache_hit_skips_text_tower(model, tokenizer, tmp_path):
     assert _files(tmp_path) == files
 
 
+def test_a_new_class_list_computes_only_its_new_names(model, tokenizer, tmp_path):
+    first = build_text_classifier(model, tokenizer, [["sky"], ["tree"]], templates=TEMPLATES, cache_dir=tmp_path)
+    rec = _Recorder(model)
+    try:
+        second = build_text_classifier(
+            model, tokenizer, [["tree"], ["car", "sky"]], templates=TEMPLATES, cache_dir=tmp_path
+        )
+    finally:
+        rec.close()
+    assert len(rec.lengths) == 1  # one batch: the templates of "car" only
+    fresh = build_text_classifier(model, tokenizer, [["car"]], templates=TEMPLATES, cache_dir=False)
+    torch.testing.assert_close(second.embeddings[1], fresh.embeddings[0], rtol=0, atol=1e-6)
+    assert torch.equal(second.embeddings[0], first.embeddings[1]) and torch.equal(
+        second.embeddings[2], first.embeddings[0]
+    )
+    assert len(_files(tmp_path)) == 3
+
+
 def test_cache_key_depends_on_model_templates_and_names(tokenizer, tmp_path):
     classes = [["sky"], ["tree"]]
     m0, m1 = _make(CLIP, seed=0), _make(CLIP, seed=1)
     build_text_classifier(m0, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     build_text_classifier(m1, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
-    assert len(_files(tmp_path)) == 2
-    build_text_classifier(m0, tokenizer, classes, templates=OPENAI_TEMPLATES[5:8], cache_dir=tmp_path)
-    assert len(_files(tmp_path)) == 3
-    build_text_classifier(m0, tokenizer, [["tree"], ["sky"]], templates=TEMPLATES, cache_dir=tmp_path)
     assert len(_files(tmp_path)) == 4
+    build_text_classifier(m0, tokenizer, classes, templates=OPENAI_TEMPLATES[5:8], cache_dir=tmp_path)
+    assert len(_files(tmp_path)) == 6
+    build_text_classifier(m0, tokenizer, [["tree"], ["sky"]], templates=TEMPLATES, cache_dir=tmp_path)
+    assert len(_files(tmp_path)) == 6  # the same names: cached whatever their order
+    build_text_classifier(m0, tokenizer, [["tree"], ["sea"]], templates=TEMPLATES, cache_dir=tmp_path)
+    assert len(_files(tmp_path)) == 7
 
 
 def test_corrupt_cache_file_is_rewritten(tokenizer, tmp_path):
     model = _make(CLIP)
-    classes = [["sky"], ["tree"]]
+    classes = [["sky"]]
     good = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     (path,) = tmp_path.iterdir()
     path.write_bytes(b"not a safetensors file")
@@ -215,7 +235,7 @@ def test_altered_cache_values_are_recomputed_with_a_warning(tokenizer, tmp_path)
     from safetensors.torch import save_file
 
     model = _make(CLIP)
-    classes = [["sky"], ["tree"]]
+    classes = [["sky"]]
     good = build_text_classifier(model, tokenizer, classes, templates=TEMPLATES, cache_dir=tmp_path)
     (path,) = tmp_path.iterdir()
     with safe_open(str(path), framework="pt") as f:
@@ -254,7 +274,7 @@ def test_segmenter_passes_cache_warnings_on(tiny_vit, tmp_path):
     from ovdense.presets import get_preset
 
     seg = Segmenter(tiny_vit, get_preset("sclip"), torch.device("cpu"), text_cache_dir=tmp_path)
-    seg.text_classifier("sky; tree")
+    seg.text_classifier("sky")
     (path,) = tmp_path.iterdir()
     path.write_bytes(b"garbage")
     fresh = Segmenter(tiny_vit, get_preset("sclip"), torch.device("cpu"), text_cache_dir=tmp_path)

@@ -154,7 +154,7 @@ DETECTION_TEMPLATES: tuple[DetectionTemplate, ...] = tuple(
 """The 63 ViLD templates of the region-classification protocol (CLIPSelf, DeCLIP, SCD)."""
 
 # Bump when the cached quantity or its file layout changes, so old files are never reused.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _TRUNCATABLE_POOLS = ("argmax", "eos")
 _PROGRESS_MIN_BATCHES = 5
 _CLIP_TEXT_ATTRS = ("token_embedding", "positional_embedding", "transformer", "ln_final")
@@ -414,11 +414,11 @@ def _fill(template: Template, name: str) -> str:
     return template.format(name) if isinstance(template, str) else template(name)
 
 
-def _cache_key(digest: str, names: list[str], template_strings: list[str], context_length) -> str:
+def _cache_key(digest: str, name: str, template_strings: list[str], context_length) -> str:
     payload = {
         "version": _CACHE_VERSION,
         "text_tower": digest,
-        "names": names,
+        "name": name,
         "templates": template_strings,
         "context_length": context_length,
     }
@@ -485,13 +485,14 @@ def text_embeddings(
     cache_dir: str | os.PathLike | None | bool = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Template-averaged embeddings of ``names``, cached on disk.
+    """Template-averaged embeddings of ``names``, cached on disk per name.
 
     Per name: embed each template prompt, L2-normalise each, average over templates, re-normalise.
 
-    The cache file of a (text tower, names, templates, context length) carries a digest of its values; a file
-    that does not match is recomputed with a warning. A cache folder that cannot be written is warned about
-    once per process and the run goes on without writing to it.
+    Each name has its own cache file per (text tower, templates, context length), so a new class list only
+    computes the names not seen before. A file carries a digest of its values; one that does not match is
+    recomputed with a warning. A cache folder that cannot be written is warned about once per process and the
+    run goes on without writing to it.
 
     Args:
         model: an open_clip ``CLIP``/``CustomTextCLIP``.
@@ -510,33 +511,38 @@ def text_embeddings(
     if not templates:
         raise ValueError("no templates")
     root = _resolve_cache_root(cache_dir)
-    path = None
+    found: dict[str, torch.Tensor] = {}
+    paths: dict[str, Path] = {}
     if root is not None:
         template_strings = [_template_string(t) for t in templates]
         context_length = getattr(tokenizer, "context_length", None)
-        key = _cache_key(text_tower_digest(model), names, template_strings, context_length)
-        path = root / f"{key}.safetensors"
-        cached = _load_cached(path, len(names))
-        if cached is not None:
-            return cached
-
-    prompts = [_fill(t, name) for name in names for t in templates]
-    feats = encode_prompts(model, tokenizer, prompts, batch_size=batch_size, device=device)
-    feats = F.normalize(feats.view(len(names), len(templates), -1), dim=-1)
-    embeddings = F.normalize(feats.mean(dim=1), dim=-1).cpu()
-
-    if path is not None and root not in _UNWRITABLE_CACHES:
-        try:
-            _save_cached(path, embeddings, names)
-        except OSError as err:
-            _UNWRITABLE_CACHES.add(root)
-            reason = err.strerror or str(err)
-            warnings.warn(
-                f"text-embedding cache {root} cannot be written ({reason}); running without it "
-                "(set --text-cache / OVDENSE_CACHE to a writable folder, or 'off')",
-                stacklevel=3,
-            )
-    return embeddings
+        digest = text_tower_digest(model)
+        for name in dict.fromkeys(names):
+            paths[name] = root / f"{_cache_key(digest, name, template_strings, context_length)}.safetensors"
+            cached = _load_cached(paths[name], 1)
+            if cached is not None:
+                found[name] = cached[0]
+    missing = [name for name in dict.fromkeys(names) if name not in found]
+    if missing:
+        prompts = [_fill(t, name) for name in missing for t in templates]
+        feats = encode_prompts(model, tokenizer, prompts, batch_size=batch_size, device=device)
+        feats = F.normalize(feats.view(len(missing), len(templates), -1), dim=-1)
+        fresh = F.normalize(feats.mean(dim=1), dim=-1).cpu()
+        for name, emb in zip(missing, fresh, strict=True):
+            found[name] = emb
+        if paths and root not in _UNWRITABLE_CACHES:
+            try:
+                for name, emb in zip(missing, fresh, strict=True):
+                    _save_cached(paths[name], emb[None].clone(), [name])
+            except OSError as err:
+                _UNWRITABLE_CACHES.add(root)
+                reason = err.strerror or str(err)
+                warnings.warn(
+                    f"text-embedding cache {root} cannot be written ({reason}); running without it "
+                    "(set --text-cache / OVDENSE_CACHE to a writable folder, or 'off')",
+                    stacklevel=3,
+                )
+    return torch.stack([found[name] for name in names])
 
 
 # -- classifier -------------------------------------------------------------------------------------
