@@ -314,6 +314,38 @@ def test_segmenter_takes_masks_from_a_folder_a_generator_or_the_call(vit12, dino
         seg.set_image(image, masks=np.zeros((10, 10), int))
 
 
+@pytest.mark.parametrize("method", ["proxyclip", "corrclip"])
+def test_batching_windows_changes_no_label(vit12, dino, method):
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    regions = rng.integers(0, 5, (120, 200)) if method == "corrclip" else None
+    results = []
+    for batch in (1, 16):
+        preset = get_preset(method, short_side=112, crop=112, stride=56)
+        seg = Segmenter(vit12, preset, torch.device("cpu"), window_batch=batch, vfm=dino)
+        seg.set_image(image, masks=regions)
+        results.append(seg.predict("sky, wall; person; tree; car"))
+    assert len(seg._features[None].windows) > 1
+    np.testing.assert_array_equal(results[0].labels, results[1].labels)
+    np.testing.assert_allclose(results[0].probs, results[1].probs, atol=1e-5, rtol=0)
+
+
+def test_eval_mask_of_the_wrong_size_is_one_line(tmp_path, capsys):
+    from eval_fixtures import make_dataset
+
+    make_dataset("voc21", tmp_path / "data", n=1, size=(48, 64), seed=0)
+    (tmp_path / "m" / "voc").mkdir(parents=True)
+    from ovdense.eval.datasets import get_dataset
+
+    ((img, _),) = get_dataset("voc21", tmp_path / "data").samples
+    np.savez_compressed(tmp_path / "m" / "voc" / f"{img.stem}.npz", instance_mask=np.zeros((5, 5), np.int16))
+    argv = ["eval", "--dataset", "voc21", "--data-root", str(tmp_path / "data"), "--method", "corrclip"]
+    argv += ["--model", "ovdense-test-vit12", "--vfm", "test-dino", "--masks-dir", str(tmp_path / "m")]
+    code = main(argv + ["--out", str(tmp_path / "r"), "--workers", "0"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ovdense: error")]
+    assert code == 2 and len(err) == 1 and "region map is 5 x 5, the image 48 x 64" in err[0] and img.stem in err[0]
+
+
 def _masks_for(root, data_root):
     """CorrCLIP's region_masks layout for every image of the synthetic benchmarks under ``data_root``."""
     from ovdense.eval.datasets import DATASETS, get_dataset

@@ -128,12 +128,13 @@ def evaluate(
         loader, total=len(indices), desc=f"{spec.title} {segmenter.preset.method}", unit="img",
         disable=(not progress or not info.is_main) or None,
     )  # fmt: skip
-    from ..masks import read_region_map, region_map_for
+    from ..masks import as_region_map, read_region_map, region_map_for
 
     for sample in unwrap_worker_errors(bar):
         masks = None
         if segmenter.head.uses_masks and segmenter.masks_dir is not None:  # CorrCLIP's per-benchmark folders
-            masks = read_region_map(region_map_for(segmenter.masks_dir, sample["image_path"], spec.name))
+            path = region_map_for(segmenter.masks_dir, sample["image_path"], spec.name)
+            masks = as_region_map(read_region_map(path), sample["image"].shape[:2], f"mask file {path}")
         segmenter.set_image(sample["image"], masks=masks)
         result = segmenter.predict(classes)
         label = sample["label"]
