@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 
@@ -48,37 +47,6 @@ def _import_transformers():
     except ImportError:
         raise OvdenseError(_MASKS_EXTRA) from None
     return transformers
-
-
-def _looks_like_path(model: str) -> bool:
-    """A string meant as a folder rather than a hub id ('org/name')."""
-    return model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model
-
-
-def _check_hub_available(repo: str) -> bool:
-    """Fail in seconds, not after the hub client's minute of retries, when ``repo`` can't be had.
-
-    Returns:
-        True when the model is in the hub cache and the hub is out of reach (offline mode or no connection):
-        load it with ``local_files_only``. False: the hub is reachable, load normally.
-
-    Raises:
-        OvdenseError: not cached and offline (``HF_HUB_OFFLINE``) or the hub host refuses connections.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    from .weights import hub_reachable
-
-    cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_reachable(constants.ENDPOINT)
-    if reason and cached:
-        return True
-    if reason:
-        raise OvdenseError(
-            f"mask generator {repo} is not in the local cache and could not be downloaded ({reason}). "
-            + _OFFLINE_HELP.format(repo=repo)
-        )
-    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,21 +144,11 @@ class SamMaskGenerator:
         from .weights import resolve_device
 
         dev = resolve_device(device)
-        text = str(model)
-        local = Path(text).expanduser()
-        local_only = False
-        if local.is_dir():
-            if not (local / "config.json").is_file():
-                raise OvdenseError(f"{local} is not a transformers SAM folder (no config.json)")
-            source, where = str(local), str(local)
-        elif local.is_file():
-            raise OvdenseError(f"{local} is a file; the mask generator needs a transformers SAM folder or hub id")
-        elif _looks_like_path(text):
-            raise OvdenseError(f"mask generator folder not found: {local}")
-        else:
-            local_only = _check_hub_available(text)
-            source, where = f"hub {text}", text
-        kw = {"local_files_only": True} if local_only else {}
+        from .weights import model_folder_or_hub
+
+        where, source, kw = model_folder_or_hub(
+            model, "the mask generator", ["config.json"], "config.json", _OFFLINE_HELP
+        )
         try:
             config = transformers.AutoConfig.from_pretrained(where, **kw)
             model_type = config.model_type
@@ -220,7 +178,7 @@ class SamMaskGenerator:
                 ) from None
             raise OvdenseError(f"cannot load the mask generator from {source}: {reason}") from None
         self.pipeline.multimask_output = self.multimask_output
-        self.model = text
+        self.model = str(model)
         self.model_type = model_type
         self.source = source
         self.device = dev

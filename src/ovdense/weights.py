@@ -454,3 +454,49 @@ def load_model(
         is_test_model=test_arch,
         notes=notes,
     )
+
+
+def model_folder_or_hub(
+    model: str | os.PathLike, what: str, entries: Sequence[str], marker: str, offline_help: str
+) -> tuple[str, str, dict]:
+    """Where a transformers/diffusers model comes from: a local ``save_pretrained`` folder or a hub id.
+
+    A folder must hold ``entries`` (files or sub-folders). A hub id must be in the hub cache (its ``marker`` file)
+    or the hub must accept a connection: otherwise the answer comes in seconds, not after the hub client's minute
+    of retries; with the hub out of reach and the model cached, it loads from the cache only.
+
+    Args:
+        model: a folder or ``org/name``.
+        what: how messages name the model (``"Stable Diffusion"``, ``"the mask generator"``).
+        entries: what a folder of it holds.
+        marker: a file of the hub repo that shows it is cached (``"unet/config.json"``).
+        offline_help: the advice appended when it can't be had, with ``{repo}`` for the id.
+
+    Returns:
+        ``(where, source, from_pretrained_kwargs)``: the path or id to load, a label for the logs, and
+        ``{"local_files_only": True}`` or ``{}``.
+
+    Raises:
+        OvdenseError: a folder without ``entries``, a file, a missing folder, or an id neither cached nor reachable.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    text = str(model)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        missing = [e for e in entries if not (local / e).exists()]
+        if missing:
+            raise OvdenseError(f"{local} is not a folder of {what} (no {', '.join(missing)})")
+        return str(local), str(local), {}
+    if local.is_file():
+        raise OvdenseError(f"{local} is a file; {what} needs a folder (save_pretrained) or a hub id")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
+        raise OvdenseError(f"{what} folder not found: {local}")
+    cached = isinstance(try_to_load_from_cache(text, marker), str)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_reachable(constants.ENDPOINT)
+    if reason and not cached:
+        raise OvdenseError(
+            f"{what} {text} is not in the local cache and could not be downloaded ({reason}). "
+            + offline_help.format(repo=text)
+        )
+    return text, f"hub {text}", {"local_files_only": True} if reason else {}

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import OvdenseError, cause_line
 from ..precision import autocast
-from ..weights import hub_reachable, resolve_device
+from ..weights import model_folder_or_hub, resolve_device
 from .losses import attention_chain as _chain
 from .losses import resize_attention
 
@@ -305,30 +305,6 @@ def _import_diffusion():
     return diffusers, transformers
 
 
-def _looks_like_path(model: str) -> bool:
-    """A string meant as a folder rather than a hub id ('org/name')."""
-    return model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model
-
-
-def _check_sd_available(repo: str) -> bool:
-    """True when the hub is unreachable but the cache has the model (then load with local_files_only)."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = isinstance(try_to_load_from_cache(repo, "unet/config.json"), str)
-    if constants.HF_HUB_OFFLINE:
-        reason = None if cached else "HF_HUB_OFFLINE is set"
-    else:
-        reason = hub_reachable(constants.ENDPOINT)
-        if reason and cached:
-            return True
-    if reason:
-        raise OvdenseError(
-            f"Stable Diffusion {repo} is not in the local cache and could not be downloaded ({reason}). "
-            + _SD_OFFLINE_HELP.format(repo=repo)
-        )
-    return False
-
-
 def load_sd(
     model: str | Path = DEFAULT_SD_MODEL,
     device: str | torch.device | None = "cpu",
@@ -357,22 +333,13 @@ def load_sd(
     dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    text = str(model)
-    local = Path(text).expanduser()
-    local_only = False
-    if local.is_dir():
-        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / s).is_dir()]
-        if missing:
-            raise OvdenseError(f"{local} is not a diffusers Stable Diffusion folder (no {', '.join(missing)}/)")
-        source, where = str(local), str(local)
-    elif local.is_file():
-        raise OvdenseError(f"{local} is a file; the Stable Diffusion teacher needs a diffusers folder or hub id")
-    elif _looks_like_path(text):
-        raise OvdenseError(f"Stable Diffusion folder not found: {local}")
-    else:
-        local_only = _check_sd_available(text)
-        source, where = f"hub {text}", text
-    kw = {"local_files_only": True} if local_only else {}
+    where, source, kw = model_folder_or_hub(
+        model,
+        "Stable Diffusion",
+        ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+        "unet/config.json",
+        _SD_OFFLINE_HELP,
+    )
     # diffusers defaults to low_cpu_mem_usage and warns when accelerate (which it needs) is absent.
     low_mem = {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
     try:
