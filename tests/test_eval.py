@@ -118,7 +118,9 @@ def test_save_predictions(all_sets, tmp_path, capsys):
         png = Image.open(pred_dir / f"{stem}.png")
         assert png.mode == "P" and png.size == (label.shape[1], label.shape[0])
         assert np.asarray(png).max() < 150  # dataset class indices (after reduce_zero_label)
-        assert (pred_dir / f"{stem}_overlay.png").is_file()
+        np.testing.assert_array_equal(np.asarray(Image.open(pred_dir / f"{stem}_gt.png")), label)
+        pair = Image.open(pred_dir / f"{stem}_overlay.png")
+        assert pair.width > 2 * label.shape[1] and pair.height > label.shape[0]  # prediction | truth | legend
 
 
 def test_missing_dataset_root_is_one_line(tmp_path, capsys):

@@ -167,6 +167,22 @@ def test_overlay_and_areas(tiny_vit):
     assert {a["name"] for a in areas} <= {"sky", "person", "chair", "table", "bottle"}
 
 
+def test_background_class_of_a_thresholded_method(tiny_vit):
+    seg = make(tiny_vit, prob_thd=0.9)
+    seg.set_image(PHOTO)
+    result = seg.predict(CLASSES)
+    assert result.background == 0 and result.display_names[0] == "background"  # not "sky", its first word
+    assert (result.labels == 0).any()  # random weights: many pixels under the threshold
+    overlay = np.asarray(result.overlay())[:375, :500]
+    bg = result.labels == 0
+    np.testing.assert_array_equal(overlay[bg], PHOTO[bg])  # transparent, not black
+    assert "background" in {a["name"] for a in result.areas()} and "sky" not in {a["name"] for a in result.areas()}
+    plain = make(tiny_vit, prob_thd=0.0)
+    plain.set_image(PHOTO)
+    unthresholded = plain.predict(CLASSES)
+    assert unthresholded.background is None and unthresholded.display_names[0] == "sky"
+
+
 def test_method_options_are_plain_keywords():
     seg = Segmenter.from_pretrained("ovdense-test-eva02", method="declip", mode="qq", crop=160, text_cache_dir=False)
     assert seg.head.mode == "qq" and seg.preset.head_kwargs == {"mode": "qq"} and seg.preset.crop == 160

@@ -8,10 +8,13 @@ from PIL import Image
 
 from ovdense.errors import OvdenseError
 from ovdense.viz import (
+    blend,
     class_areas,
     colorize,
     label_palette,
+    legend_rows,
     overlay,
+    prediction_and_truth,
     save_image_atomic,
     save_label_png,
 )
@@ -226,6 +229,68 @@ def test_overlay_rejects_bad_input(kwargs):
     with pytest.raises(ValueError) as info:
         overlay(**args)
     assert isinstance(info.value, OvdenseError)  # the CLI reports it as a one-line user error
+
+
+def test_background_class_is_transparent_and_named_background():
+    img, labels = _scene(40, 60, classes=(0, 1, 3))
+    out = np.asarray(overlay(img, labels, NAMES, background=0))
+    bg = labels == 0
+    np.testing.assert_array_equal(out[:40, :60][bg], img[bg])  # not blended with black
+    np.testing.assert_array_equal(out[:40, :60][~bg], _blend(img, labels, len(NAMES), 0.5)[~bg])
+    np.testing.assert_array_equal(out[:40, :60], blend(img, labels, len(NAMES), 0.5, background=0))
+    panel = _colour_counts(out[:, 60:])
+    assert (0, 0, 0) not in panel or panel[(0, 0, 0)] < 16  # no black swatch (text pixels only)
+    without = _colour_counts(np.asarray(overlay(img, labels, NAMES))[:, 60:])
+    assert without[(0, 0, 0)] >= 16  # class 0's black swatch when it is not the background
+    rows = legend_rows(labels, NAMES, background=0)
+    assert [r["name"] for r in rows] == ["background", "person", "car"]
+    assert rows[0]["colour"] is None and rows[1]["colour"] == (128, 0, 0)
+    with pytest.raises(ValueError, match="background must be a class index"):
+        overlay(img, labels, NAMES, background=7)
+
+
+def test_legend_rows_percentages():
+    labels = np.zeros((10, 100), np.int64)
+    labels[:, :25] = 2
+    labels[0, 99] = 255  # unlabelled: counted in the total, in no row
+    labels[0, 98] = 4
+    rows = legend_rows(labels, NAMES)
+    assert [(r["index"], r["pixels"]) for r in rows] == [(0, 748), (2, 250), (4, 1)]
+    assert [r["percent"] for r in rows] == ["74.8%", "25.0%", "0.1%"]
+    assert abs(sum(r["fraction"] for r in rows) - 999 / 1000) < 1e-12
+    big = np.zeros((100, 100), np.int64)
+    big[0, 0] = 1
+    assert [r["percent"] for r in legend_rows(big, NAMES)] == ["100.0%", "<0.1%"]
+    assert len(legend_rows(big, NAMES, only_present=False)) == len(NAMES)
+
+
+def test_overlay_percentages_widen_the_legend():
+    img, labels = _scene(60, 80)
+    plain = overlay(img, labels, NAMES)
+    with_pct = overlay(img, labels, NAMES, percentages=True)
+    assert with_pct.width > plain.width and with_pct.height == plain.height
+    np.testing.assert_array_equal(np.asarray(with_pct)[:60, :80], np.asarray(plain)[:60, :80])
+
+
+def test_prediction_and_truth_side_by_side():
+    h, w = 64, 48
+    img, pred = _scene(h, w, classes=(0, 1))
+    truth = np.full((h, w), 3, np.int64)
+    truth[:, :10] = 255  # not labelled: the image shows through
+    out = np.asarray(prediction_and_truth(img, pred, truth, NAMES, background=0))
+    # Find the title strip height: the first row where the left picture equals the prediction's blend.
+    want_left = blend(img, pred, len(NAMES), 0.5, background=0)
+    strip = next(t for t in range(out.shape[0] - h + 1) if np.array_equal(out[t : t + h, :w], want_left))
+    assert strip > 0  # a title above the pictures
+    want_right = blend(img, truth, len(NAMES))
+    gap = next(g for g in range(80) if np.array_equal(out[strip : strip + h, w + g : 2 * w + g], want_right))
+    right = out[strip : strip + h, w + gap : 2 * w + gap]
+    np.testing.assert_array_equal(right[:, :10], img[:, :10])
+    panel = _colour_counts(out[:, 2 * w + gap :])
+    pal = imgviz.label_colormap()
+    assert panel.get(tuple(pal[1]), 0) >= 16 and panel.get(tuple(pal[3]), 0) >= 16  # classes of either map
+    with pytest.raises(ValueError, match="differs from the ground truth"):
+        prediction_and_truth(img, pred, truth[:10], NAMES)
 
 
 # ------------------------------------------------------------------------------------------- files

@@ -73,6 +73,8 @@ class SegmentationResult:
         class_names: the classes, each a list of names (the first one is shown).
         image: the H x W x 3 uint8 input.
         settings: the resolved preset.
+        background: the index of the background class (0 when the method's ``prob_thd`` sends unsure pixels
+            to class 0, i.e. class 0 holds background words), else None.
     """
 
     labels: np.ndarray
@@ -80,16 +82,25 @@ class SegmentationResult:
     class_names: list[list[str]]
     image: np.ndarray
     settings: dict = field(default_factory=dict)
+    background: int | None = None
 
     @property
     def display_names(self) -> list[str]:
-        return [names[0] for names in self.class_names]
+        """One name per class: its first name, ``background`` for the background class."""
+        names = [names[0] for names in self.class_names]
+        if self.background is not None:
+            names[self.background] = "background"
+        return names
 
     def overlay(self, alpha: float = 0.5, legend: bool = True) -> Image.Image:
-        """The image with the labels blended in and a legend of the classes present (PIL image)."""
+        """The image with the labels blended in (the background class transparent) and a legend of the classes
+        present with their share of the pixels (PIL image)."""
         from .viz import overlay
 
-        return overlay(self.image, self.labels, self.display_names, alpha=alpha, legend=legend)
+        return overlay(
+            self.image, self.labels, self.display_names, alpha=alpha, legend=legend,
+            background=self.background, percentages=True,
+        )  # fmt: skip
 
     def areas(self) -> list[dict]:
         """Pixel count and fraction per present class, largest first."""
@@ -367,6 +378,7 @@ class Segmenter:
             class_names=text.class_names,
             image=self._image,
             settings=p.to_dict(),
+            background=0 if p.prob_thd > 0 else None,
         )
 
     # -- regions ----------------------------------------------------------------------------------

@@ -17,11 +17,14 @@ from .errors import OvdenseError
 from .fileio import write_atomic
 
 __all__ = [
+    "blend",
     "class_areas",
     "colorize",
     "label_image",
     "label_palette",
+    "legend_rows",
     "overlay",
+    "prediction_and_truth",
     "save_image_atomic",
     "save_label_png",
 ]
@@ -191,6 +194,118 @@ def _legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_
     return panel
 
 
+def _check_names(class_names: Sequence[str]) -> list[str]:
+    names = [str(n) for n in class_names]
+    if not names:
+        raise VizInputError("class_names is empty")
+    if len(names) > MAX_PALETTE:
+        raise VizInputError(f"{len(names)} classes; at most {MAX_PALETTE} can be coloured")
+    return names
+
+
+def _check_background(background: int | None, n: int) -> int | None:
+    if background is None:
+        return None
+    if isinstance(background, bool) or not isinstance(background, (int, np.integer)) or not 0 <= background < n:
+        raise VizInputError(f"background must be a class index in 0..{n - 1} or None, got {background!r}")
+    return int(background)
+
+
+def blend(image, labels: np.ndarray, num_classes: int, alpha: float = 0.5, background: int | None = None) -> np.ndarray:
+    """The image with each pixel's class colour blended in (no legend).
+
+    Args:
+        image: H x W x 3 uint8 RGB array (H x W grey and H x W x 4 are accepted too) or a PIL image.
+        labels: H x W integer class indices; values outside 0..num_classes-1 (255 "void", -1) are unlabelled.
+        num_classes: classes coloured with the VOC palette (<= 256).
+        alpha: colour opacity in 0..1: ``rint(image.astype(float32) * (1 - alpha) + colour * alpha)``.
+        background: a class drawn transparent (its pixels keep the image, as unlabelled ones do).
+
+    Returns:
+        H x W x 3 uint8.
+    """
+    rgb = _as_rgb(image)
+    lab = _as_labels(labels)
+    if lab.shape != rgb.shape[:2]:
+        raise VizInputError(f"labels shape {lab.shape} does not match image size {rgb.shape[:2]}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise VizInputError("image is empty")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise VizInputError(f"alpha must be in 0..1, got {alpha}")
+    n = int(num_classes)
+    pal = label_palette(n)
+    valid = (lab >= 0) & (lab < n)
+    safe = np.where(valid, lab, 0).astype(np.intp)
+    colours = pal[safe].astype(np.float32)
+    out = np.rint(rgb.astype(np.float32) * np.float32(1.0 - alpha) + colours * np.float32(alpha)).astype(np.uint8)
+    keep = ~valid if background is None else ~valid | (lab == background)
+    if keep.any():
+        out[keep] = rgb[keep]
+    return out
+
+
+def _percent(fraction: float) -> str:
+    if 0 < fraction < 0.0005:
+        return "<0.1%"
+    return f"{100 * fraction:.1f}%"
+
+
+def legend_rows(
+    labels: np.ndarray, class_names: Sequence[str], background: int | None = None, only_present: bool = True
+) -> list[dict]:
+    """The rows of a legend, in class order: what :func:`overlay` draws and the demo lists.
+
+    Args:
+        labels: H x W (or any shape) integer class indices; values outside 0..n-1 are unlabelled.
+        class_names: display name per class.
+        background: the background class (named ``background``, no colour), or None.
+        only_present: only classes that occur in ``labels``.
+
+    Returns:
+        ``[{"index", "name", "colour": (r, g, b) or None for the background, "pixels", "fraction",
+        "percent": "42.1%"}]`` with plain Python types; ``fraction`` is pixels / all pixels of ``labels``.
+    """
+    names = _check_names(class_names)
+    background = _check_background(background, len(names))
+    lab = np.asarray(labels)
+    pal = label_palette(len(names))
+    counts = np.bincount(lab[(lab >= 0) & (lab < len(names))].astype(np.intp), minlength=len(names))
+    rows = []
+    for i in range(len(names)):
+        if only_present and counts[i] == 0:
+            continue
+        fraction = int(counts[i]) / max(1, lab.size)
+        rows.append(
+            {
+                "index": i,
+                "name": "background" if i == background else names[i],
+                "colour": None if i == background else tuple(int(v) for v in pal[i]),
+                "pixels": int(counts[i]),
+                "fraction": fraction,
+                "percent": _percent(fraction),
+            }
+        )
+    return rows
+
+
+def _panel_entries(rows: list[dict], percentages: bool) -> list[tuple[tuple[int, int, int] | None, str]]:
+    """(swatch colour, text) of each legend row; the background's swatch is empty (white, outlined)."""
+    entries = [
+        (row["colour"] or _PANEL_BG, _display(row["name"]) + (f"  {row['percent']}" if percentages else ""))
+        for row in rows
+    ]
+    return entries or [(None, "no classes")]
+
+
+def _with_panel(picture: Image.Image, panel: Image.Image) -> Image.Image:
+    w, h = picture.size
+    canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
+    canvas.paste(picture, (0, 0))
+    canvas.paste(panel, (w, 0))
+    return canvas
+
+
 def overlay(
     image,
     labels: np.ndarray,
@@ -200,6 +315,8 @@ def overlay(
     only_present: bool = True,
     *,
     boundaries: bool = False,
+    background: int | None = None,
+    percentages: bool = False,
 ) -> Image.Image:
     """The image with each pixel's class colour blended in, and a legend panel on the right.
 
@@ -215,56 +332,78 @@ def overlay(
         only_present: list only the classes that occur in ``labels`` (in class order); "no classes"
             when none do (every pixel unlabelled). ``False`` lists every class.
         boundaries: draw 1 px white lines where the label changes (off by default).
+        background: the background class (class 0 of a method with ``prob_thd``, a benchmark's background
+            words): drawn transparent, named ``background`` in the legend with an empty swatch.
+        percentages: each legend row ends with the class's share of all pixels (``42.1%``).
 
     Returns:
         RGB PIL image. Its top-left W x H region is the blended image; with a legend, the width is
         ``W + panel width`` and the height ``max(H, panel height)``, the rest filled white.
     """
-    rgb = _as_rgb(image)
+    names = _check_names(class_names)
+    background = _check_background(background, len(names))
+    out = blend(image, labels, len(names), alpha, background)
     lab = _as_labels(labels)
-    if lab.shape != rgb.shape[:2]:
-        raise VizInputError(f"labels shape {lab.shape} does not match image size {rgb.shape[:2]}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise VizInputError("image is empty")
-    names = [str(n) for n in class_names]
-    n = len(names)
-    if n == 0:
-        raise VizInputError("class_names is empty")
-    if n > MAX_PALETTE:
-        raise VizInputError(f"{n} classes; at most {MAX_PALETTE} can be coloured")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise VizInputError(f"alpha must be in 0..1, got {alpha}")
-
-    pal = label_palette(n)
-    valid = (lab >= 0) & (lab < n)
-    safe = np.where(valid, lab, 0).astype(np.intp)
-    colours = pal[safe].astype(np.float32)
-    blended = rgb.astype(np.float32) * np.float32(1.0 - alpha) + colours * np.float32(alpha)
-    out = np.rint(blended).astype(np.uint8)
-    if not valid.all():
-        out[~valid] = rgb[~valid]
     if boundaries:
         out[_boundary_mask(lab)] = _BOUNDARY
     picture = Image.fromarray(out)
     if not legend:
         return picture
+    entries = _panel_entries(legend_rows(lab, names, background, only_present), percentages)
+    return _with_panel(picture, _legend_panel(entries, lab.shape[0]))
 
-    if only_present:
-        shown = np.flatnonzero(np.bincount(safe[valid], minlength=n))
-    else:
-        shown = np.arange(n)
-    entries: list[tuple[tuple[int, int, int] | None, str]] = [
-        (tuple(int(v) for v in pal[i]), _display(names[i])) for i in shown
-    ]
-    if not entries:
-        entries = [(None, "no classes")]
-    panel = _legend_panel(entries, rgb.shape[0])
-    h, w = rgb.shape[:2]
-    canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
-    canvas.paste(picture, (0, 0))
-    canvas.paste(panel, (w, 0))
+
+def _titled(picture: np.ndarray, title: str, font_size: int) -> Image.Image:
+    """A picture with a white strip above it holding ``title``."""
+    font = _font(font_size)
+    strip = round(font_size * 1.6)
+    canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + strip), _PANEL_BG)
+    canvas.paste(Image.fromarray(picture), (0, strip))
+    draw = ImageDraw.Draw(canvas)
+    left, top, _, bottom = draw.textbbox((0, 0), title, font=font)
+    draw.text((max(2, font_size // 3) - left, (strip - (top + bottom)) / 2), title, fill=_TEXT, font=font)
     return canvas
+
+
+def prediction_and_truth(
+    image,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    *,
+    background: int | None = None,
+    ignore_index: int = 255,
+) -> Image.Image:
+    """The prediction and the ground truth side by side, titled, with one legend of the classes in either.
+
+    Args:
+        image: H x W x 3 uint8 RGB (or a PIL image).
+        prediction, truth: H x W class indices into ``class_names``; ``ignore_index`` (and any value outside
+            0..n-1) is unlabelled and keeps the image.
+        class_names: display name per class.
+        alpha, background: as :func:`overlay`.
+        ignore_index: the ground truth's "not labelled" value (mmseg's 255).
+
+    Returns:
+        RGB PIL image: [prediction | ground truth | legend], each image panel W wide under a title strip.
+    """
+    names = _check_names(class_names)
+    background = _check_background(background, len(names))
+    pred, gt = _as_labels(prediction, "prediction"), _as_labels(truth, "truth")
+    if pred.shape != gt.shape:
+        raise VizInputError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape}")
+    gt = np.where(gt == ignore_index, -1, gt)
+    h, w = pred.shape
+    font_size = int(np.clip(round(h / 32), 12, 128))
+    left = _titled(blend(image, pred, len(names), alpha, background), "prediction", font_size)
+    right = _titled(blend(image, gt, len(names), alpha, background), "ground truth", font_size)
+    gap = max(4, font_size // 2)
+    pair = Image.new("RGB", (2 * w + gap, left.height), _PANEL_BG)
+    pair.paste(left, (0, 0))
+    pair.paste(right, (w + gap, 0))
+    rows = legend_rows(np.concatenate([pred.reshape(-1), gt.reshape(-1)]), names, background)
+    return _with_panel(pair, _legend_panel(_panel_entries(rows, percentages=False), left.height))
 
 
 # --------------------------------------------------------------------------------------------- areas

@@ -104,7 +104,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from ..viz import save_image_atomic, save_label_png
+    from ..viz import prediction_and_truth, save_image_atomic, save_label_png
 
     info = dist_info()
     spec = dataset.spec
@@ -142,13 +142,24 @@ def evaluate(
             raise OvdenseError(f"{sample['image_path']}: label size {label.shape} differs from the image")
         acc.update(result.labels, label)
         if save_dir is not None:
+            background = 0 if spec.name in BACKGROUND_CLASS_DATASETS else None
             save_label_png(result.labels, save_dir / f"{sample['name']}.png")
-            save_image_atomic(result.overlay(), save_dir / f"{sample['name']}_overlay.png")
+            save_label_png(label, save_dir / f"{sample['name']}_gt.png")
+            picture = prediction_and_truth(
+                result.image, result.labels, label, display_names(classes, background), background=background
+            )
+            save_image_atomic(picture, save_dir / f"{sample['name']}_overlay.png")
     acc.all_reduce()
-    display = [names[0] for names in classes]
-    if spec.name in BACKGROUND_CLASS_DATASETS:
-        display[0] = "background"  # class 0 is a list of background words ("sky, wall, tree, ...")
-    return acc.compute(display)
+    return acc.compute(display_names(classes, 0 if spec.name in BACKGROUND_CLASS_DATASETS else None))
+
+
+def display_names(classes: list[list[str]], background: int | None) -> list[str]:
+    """One name per class (its first), ``background`` for the background class: that class is a list of
+    background words ("sky, wall, tree, ..."), whose first word would mislabel it."""
+    names = [names[0] for names in classes]
+    if background is not None:
+        names[background] = "background"
+    return names
 
 
 def metrics_table(metrics: SegMetrics) -> str:
