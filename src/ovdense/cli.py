@@ -1,4 +1,4 @@
-"""Command line: ``ovdense segment | eval | eval-regions | train | convert | list-models | list-methods``.
+"""Command line: ``ovdense segment | attention | eval | eval-regions | train | convert | list-models | list-methods``.
 
 Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA, an ``--out``
 that cannot be written...) prints one line on stderr and exits 2, before anything is written to ``--out``.
@@ -123,14 +123,14 @@ def _apply_method_weights(args, preset) -> None:
             args.pretrained = preset.pretrained
 
 
-def _check_method_inputs(args, preset, image_paths=None, dataset=None) -> None:
+def _check_method_inputs(args, preset, image_paths=None, dataset=None, vfm_for_any_method: bool = False) -> None:
     """The VFM and mask flags against what the method's head uses, and every image's mask file, before any
-    model loads."""
+    model loads (``vfm_for_any_method``: --vfm is valid with every method, as in ``attention``)."""
     from .heads import HEADS
     from .masks import region_map_for
 
     head = HEADS[preset.head]
-    if (args.vfm or args.vfm_checkpoint) and not head.uses_vfm:
+    if (args.vfm or args.vfm_checkpoint) and not head.uses_vfm and not vfm_for_any_method:
         raise OvdenseError(
             f"--vfm and --vfm-checkpoint apply to methods with a VFM (proxyclip, corrclip), not {args.method}"
         )
@@ -298,6 +298,88 @@ def cmd_segment(args) -> int:
             }
         )
     print(f"wrote {len(images)} overlay(s), label map(s) and JSON summaries to {out}", file=sys.stderr)
+    return 0
+
+
+def _parse_points(values: list[str]) -> list[tuple[float, float]]:
+    points = []
+    for raw in values:
+        parts = raw.split(",")
+        try:
+            x, y = (float(v) for v in parts)
+        except ValueError:
+            raise OvdenseError(f"--points: expected x,y pixel pairs such as 120,80; got {raw!r}") from None
+        points.append((x, y))
+    return points
+
+
+def _parse_layers(raw: str | None) -> list[int] | None:
+    if raw is None:
+        return None
+    try:
+        return [int(v) for v in raw.split(",")]
+    except ValueError:
+        raise OvdenseError(f"--layers: expected block numbers such as 4,8,12; got {raw!r}") from None
+
+
+def cmd_attention(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .attention import check_points
+    from .fileio import check_output_dir, write_group_atomic
+    from .heads import HEADS
+    from .images import decode_image
+    from .viz import attention_grid
+
+    _apply_max_pixels(args)
+    points = _parse_points(args.points)
+    layers = _parse_layers(args.layers)
+    out = check_output_dir(args.out)
+    images = [Path(p) for p in args.images]
+    for path in images:  # every image decodes and holds every point, before any model loads
+        check_points(points, decode_image(path).shape[:2])
+    stems = unique_stems(images)
+    preset = _resolve_preset(args, None)
+    _apply_method_weights(args, preset)
+    head = HEADS[preset.head]
+    classes = _read_classes(args) if head.needs_text or args.classes or args.classes_file else None
+    _check_method_inputs(args, preset, images, vfm_for_any_method=True)  # --vfm: a VFM to show beside CLIP
+    loaded = _load_for_cli(args)
+    if layers is not None:
+        blocks = loaded.tower.num_blocks
+        if not layers or any(not 1 <= v <= blocks for v in layers):
+            raise OvdenseError(f"--layers: {args.model} has blocks 1..{blocks}, got {args.layers}")
+    seg = _segmenter(args, loaded, preset)
+    shown = None
+    if (args.vfm or args.vfm_checkpoint) and not head.uses_vfm:
+        shown = _load_vfm_for_cli(args, preset, seg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, stem in zip(images, stems, strict=True):
+        seg.set_image(path)
+        maps = seg.attention_maps(points, layers=layers, classes=classes, vfm=shown)
+        picture = attention_grid(seg.image, maps, cell_height=args.cell_height)
+        arrays = {"clip": maps.clip, "head": maps.head, "affinity": maps.affinity,
+                  "vfm_attention": maps.vfm_attention, "vfm_affinity": maps.vfm_affinity}  # fmt: skip
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        summary = {
+            "image": str(path),
+            "size": list(maps.image_size),
+            "method": maps.method,
+            "vfm": maps.vfm,
+            "layers": list(maps.layers),
+            "rows": maps.row_names,
+            "columns": [title for title, _ in maps.columns()],
+            "arrays": {f"{stem}_{k}.npy": list(v.shape) for k, v in arrays.items()},
+        }
+        files = {out / f"{stem}_attention.png": lambda f, im=picture: im.save(f, format="PNG")}
+        for k, v in arrays.items():
+            files[out / f"{stem}_{k}.npy"] = lambda f, v=v: np.save(f, v)
+        data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        files[out / f"{stem}_attention.json"] = lambda f, data=data: f.write(data)
+        write_group_atomic(files)
+    print(f"wrote {len(images)} attention grid(s), their maps (.npy) and JSON to {out}", file=sys.stderr)
     return 0
 
 
@@ -714,6 +796,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dataset", default=None, choices=DATASETS, help="use the method's settings for this benchmark")
     _add_model_args(seg, masks=True)
     seg.set_defaults(func=cmd_segment)
+    at = sub.add_parser(
+        "attention", help="where [CLS] and chosen points look: CLIP's attention per block, the head's, a VFM's"
+    )
+    at.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    at.add_argument("--points", nargs="+", required=True, metavar="X,Y", help="image pixels, e.g. 120,80 300,200")
+    at.add_argument("--layers", default=None, help="CLIP blocks to show, e.g. 4,8,12 (default all)")
+    at.add_argument("--classes", default=None, help="class list, for methods that need it inside the pass (resclip)")
+    at.add_argument("--classes-file", default=None, help="one class per line, names separated by ', '")
+    at.add_argument("--cell-height", type=int, default=160, help="height of each map in the grid, pixels (default 160)")
+    at.add_argument("--out", required=True, help="output directory")
+    _add_model_args(at, preset_overrides=False, masks=True)
+    at.set_defaults(func=cmd_attention)
     ev = sub.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
     ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
     ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "WindowFeatures",
     "assemble_cosine_maps",
+    "assemble_features",
     "cosine_to_labels",
     "encode_windows",
     "mmseg_resize",
@@ -285,6 +286,56 @@ def assemble_cosine_maps(
         raise ValueError("the sliding windows leave pixels uncovered (stride larger than crop?)")
     canvas = canvas / count
     return F.interpolate(canvas, size=tuple(out_size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def assemble_features(
+    windows: WindowFeatures,
+    out_size: tuple[int, int] | None = None,
+    max_chunk_elements: int = _MAX_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """The windows' dense features assembled into one map of the image, the way the cosine maps are.
+
+    Per window: features bilinear (``align_corners=False``) to the padded window size, padding cut off, summed
+    into a canvas of the network input at the window's place; divided by the per-pixel window count and resized
+    bilinearly to ``out_size``. Every step is linear, so ``einsum("dhw,nd->nhw", assemble_features(w, size),
+    text)`` equals :func:`assemble_cosine_maps` ``(w, text, size)`` to float32 rounding. The averaged features
+    are not unit vectors where windows overlap: normalise them for cosines between tokens.
+
+    Args:
+        windows: output of :func:`encode_windows` (num_windows x D x h' x w').
+        out_size: ``(H', W')``; default the features' own resolution over the whole network input (its size
+            times the features' cells per padded window pixel, e.g. H/16 x W/16 for a /16 tower).
+        max_chunk_elements: bound on the channels x H x W canvas held at once (channels are done in chunks).
+
+    Returns:
+        D x H' x W' float32.
+    """
+    feats = windows.features
+    height, width = windows.image_size
+    win_h, win_w = windows.window_size
+    left, right, top, bottom = windows.padding
+    padded = (win_h + top + bottom, win_w + left + right)
+    if out_size is None:
+        out_size = (
+            max(1, round(height * feats.shape[-2] / padded[0])),
+            max(1, round(width * feats.shape[-1] / padded[1])),
+        )
+    channels = max(1, max_chunk_elements // max(1, height * width))
+    count = torch.zeros((1, 1, height, width), dtype=torch.float32, device=feats.device)
+    for y1, y2, x1, x2 in windows.windows:
+        count[:, :, y1:y2, x1:x2] += 1
+    if bool((count == 0).any()):
+        raise ValueError("the sliding windows leave pixels uncovered (stride larger than crop?)")
+    parts = []
+    for start in range(0, feats.shape[1], channels):
+        canvas = torch.zeros((1, min(channels, feats.shape[1] - start), height, width), device=feats.device)
+        for k, (y1, y2, x1, x2) in enumerate(windows.windows):
+            f = F.interpolate(feats[k : k + 1, start : start + channels].float(), size=padded, mode="bilinear",
+                              align_corners=False)  # fmt: skip
+            canvas[:, :, y1:y2, x1:x2] += f[:, :, top : top + win_h, left : left + win_w]
+        parts.append(F.interpolate(canvas / count, size=tuple(out_size), mode="bilinear", align_corners=False)[0])
+    return torch.cat(parts)
 
 
 @torch.no_grad()

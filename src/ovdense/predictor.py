@@ -183,6 +183,7 @@ class Segmenter:
         self._features: dict[int | None, WindowFeatures] = {}
         self._region_maps: dict[int, tuple[torch.Tensor, float]] = {}
         self._regions: np.ndarray | None = None  # H x W region ids at the image's size (CorrCLIP)
+        self._attention: dict[tuple, object] = {}  # AttentionPass per (text classifier id, VFM id)
 
     @classmethod
     def from_pretrained(
@@ -287,6 +288,12 @@ class Segmenter:
         self._regions = regions
         self._features = {}
         self._region_maps = {}
+        self._attention = {}
+
+    @property
+    def image(self) -> np.ndarray | None:
+        """The current image as decoded (H x W x 3 uint8), or None before :meth:`set_image`."""
+        return self._image
 
     def _find_regions(self, image, img: np.ndarray) -> np.ndarray:
         if self.masks_dir is not None and isinstance(image, (str, Path)):
@@ -298,7 +305,7 @@ class Segmenter:
             "masks_dir of <image stem>.npz files (--masks-dir) or a mask_generator (--mask-generator sam)"
         )
 
-    def _window_features(self, text: TextClassifier) -> WindowFeatures:
+    def _window_features(self, text: TextClassifier | None) -> WindowFeatures:
         """The windows' dense features; for heads that segment inside their pass (ResCLIP), those of ``text``
         (the classifiers live as long as the segmenter, so their ids are stable keys)."""
         key = id(text) if self.head.needs_text else None
@@ -380,6 +387,111 @@ class Segmenter:
             settings=p.to_dict(),
             background=0 if p.prob_thd > 0 else None,
         )
+
+    # -- dense features and attention ---------------------------------------------------------------
+    def _text_query(self, classes, what: str) -> tuple[TextClassifier | None, TextQuery | None]:
+        if not self.head.needs_text:
+            return None, None
+        if classes is None:
+            raise InvalidArgumentError(
+                f"classes: the {self.preset.method} head segments inside its pass, so {what} needs the class list"
+            )
+        text = self.text_classifier(classes)
+        return text, TextQuery(text.embeddings.to(self.device), self.preset.logit_scale)
+
+    @torch.no_grad()
+    def encode_dense(self, images: torch.Tensor, classes=None, masks=None) -> torch.Tensor:
+        """The method's dense features of a batch of network inputs (no sliding windows).
+
+        Args:
+            images: B x 3 x H x W, normalised as :meth:`set_image` normalises (the references' x255 statistics:
+                ``(pixels_0_255 - mean) / std``); sides should be multiples of the patch size.
+            classes: the class list, for heads that segment inside their pass (ResCLIP).
+            masks: B x H x W integer region ids, for heads that use masks (CorrCLIP).
+
+        Returns:
+            B x D x h x w float32 L2-normalised features (h x w the tower's grid, or the VFM's for ProxyCLIP and
+            CorrCLIP).
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = getattr(images, 'shape', type(images).__name__)
+            raise InvalidArgumentError(f"images: expected a B x 3 x H x W tensor, got {shape}")
+        if self.head.uses_masks and masks is None:
+            raise InvalidArgumentError(f"masks: the {self.preset.method} head needs region ids of each image")
+        if masks is not None:
+            masks = torch.as_tensor(masks, device=self.device).long()
+        _, query = self._text_query(classes, "encode_dense")
+        return self._encode(images.to(self.device, torch.float32), query, masks).float()
+
+    @torch.no_grad()
+    def dense_features(self, classes=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The current image's dense features: the sliding windows' maps assembled as :meth:`predict` does.
+
+        Args:
+            classes: the class list, for heads whose features depend on it (ResCLIP).
+            size: (h, w) of the map; default the features' own resolution over the network-size image (e.g.
+                H/16 x W/16). At the original image size, the cosines with the text embeddings are the cosine maps
+                :meth:`predict` uses before PAMR (:func:`ovdense.inference.assemble_features`).
+
+        Returns:
+            D x h x w float32 (averages of unit vectors where windows overlap: normalise for cosines).
+        """
+        from .inference import assemble_features
+
+        if self._image is None:
+            raise OvdenseError("call set_image() before dense_features()")
+        text, _ = self._text_query(classes, "dense_features")
+        return assemble_features(self._window_features(text), size)
+
+    @torch.no_grad()
+    def attention_maps(self, points=(), layers: Sequence[int] | None = None, classes=None, vfm=None):
+        """Where the [CLS] token and each point look (DeCLIP's Figure 1), on the current image.
+
+        The towers run once over the whole network-size image (sides rounded to whole patches), cached until the
+        next :meth:`set_image`; the affinity comes from :meth:`dense_features`. See :mod:`ovdense.attention`.
+
+        Args:
+            points: (x, y) pixels of the original image, e.g. ``[(120, 80), (300, 200)]``.
+            layers: CLIP blocks to show (1 = first); default all.
+            classes: the class list, for heads that segment inside their pass (ResCLIP).
+            vfm: an :class:`ovdense.vfm.Vfm` whose attention and affinity to add (default the method's own VFM,
+                if it has one).
+
+        Returns:
+            :class:`ovdense.attention.AttentionMaps`: for rows [CLS] + points, CLIP's attention per layer
+            ((1 + P) x len(layers) x h x w), the head's attention, the dense affinity, and the VFM's maps.
+        """
+        from .attention import attention_pass, check_points, lcm, maps_at, pass_input_size
+
+        if self._image is None:
+            raise OvdenseError("call set_image() before attention_maps()")
+        tower = self.loaded.tower
+        layers = tuple(range(1, tower.num_blocks + 1)) if layers is None else tuple(layers)
+        bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= tower.num_blocks]
+        if bad or not layers:
+            raise InvalidArgumentError(f"layers: expected blocks in 1..{tower.num_blocks}, got {list(layers)}")
+        pts = check_points(points, self._image.shape[:2])
+        text, query = self._text_query(classes, "attention_maps")
+        vfm = self.vfm if vfm is None else vfm
+        key = (id(text), id(vfm))
+        if key not in self._attention:
+            p = self.preset
+            multiple = lcm(tower.patch_size, p.pad_multiple, vfm.patch_size if vfm is not None else 0,
+                           self.vfm.patch_size if self.vfm is not None else 0)  # fmt: skip
+            size = pass_input_size(tuple(self._input.shape[-2:]), multiple)
+            x = torch.nn.functional.interpolate(self._input, size=size, mode="bilinear", align_corners=False)
+            masks = None
+            if self._regions is not None:
+                masks = nearest_ids(torch.from_numpy(self._regions).to(self.device)[None], size)
+            with self._autocast():
+                self._attention[key] = attention_pass(
+                    tower, self.head, x, p.pos_rule, text=query, vfm=vfm, head_vfm=self.vfm, masks=masks
+                )
+        dense = self.dense_features(classes)
+        return maps_at(
+            self._attention[key], pts, self._image.shape[:2], dense, layers, self.preset.method,
+            None if vfm is None else vfm.name,
+        )  # fmt: skip
 
     # -- regions ----------------------------------------------------------------------------------
     @property

@@ -344,6 +344,33 @@ class Vfm:
         """
         return self._patch_map(*self.tokens(images))
 
+    def _last_block(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The last block and its attention module, checked to be timm's fused-qkv ``Attention`` (DINO / DINOv2)."""
+        m = self.model
+        last = m.blocks[-1] if self._is_vit() and len(m.blocks) else None
+        attn = getattr(last, "attn", None)
+        qkv = getattr(attn, "qkv", None)
+        # q / k norms would act per head after the projection: the raw sum would not be the model's q + k.
+        plain_qk = all(
+            isinstance(getattr(attn, n, None), (torch.nn.Identity, type(None))) for n in ("q_norm", "k_norm")
+        )
+        if not isinstance(qkv, torch.nn.Linear) or not hasattr(last, "norm1") or not plain_qk:
+            raise OvdenseError(
+                f"VFM {self.name or type(m).__name__}: this needs a timm VisionTransformer whose last block "
+                "has a fused qkv projection and no q/k norms (DINO / DINOv2)"
+            )
+        return last, attn
+
+    def _last_qkv(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """B x N x 3·attn_dim: the last block's fused (q, k, v) of all tokens (heads concatenated in each)."""
+        last, attn = self._last_block()
+        images = self._check_images(images)
+        with torch.no_grad(), autocast("auto", images.device):
+            x, grid = self._embed(images)
+            x = self.model.blocks[:-1](x)
+            out = attn.qkv(last.norm1(x)).float()
+        return out, grid
+
     def last_qk(self, images: Tensor) -> Tensor:
         """CorrCLIP's DINO feature: q + k of the last block, patch tokens only, not normalised.
 
@@ -362,26 +389,29 @@ class Vfm:
             OvdenseError: the model is not a timm ``VisionTransformer`` whose last block has a fused qkv
                 projection without q / k norms.
         """
-        m = self.model
-        last = m.blocks[-1] if self._is_vit() and len(m.blocks) else None
-        attn = getattr(last, "attn", None)
-        qkv = getattr(attn, "qkv", None)
-        # q / k norms would act per head after the projection: the raw sum would not be the model's q + k.
-        plain_qk = all(
-            isinstance(getattr(attn, n, None), (torch.nn.Identity, type(None))) for n in ("q_norm", "k_norm")
-        )
-        if not isinstance(qkv, torch.nn.Linear) or not hasattr(last, "norm1") or not plain_qk:
-            raise OvdenseError(
-                f"VFM {self.name or type(m).__name__}: last_qk needs a timm VisionTransformer whose last block "
-                "has a fused qkv projection and no q/k norms (DINO / DINOv2)"
-            )
-        images = self._check_images(images)
-        with torch.no_grad(), autocast("auto", images.device):
-            x, grid = self._embed(images)
-            x = m.blocks[:-1](x)
-            out = qkv(last.norm1(x)).float()  # B x N x 3·attn_dim: (q, k, v), heads concatenated in each
+        out, grid = self._last_qkv(images)
         d = out.shape[-1] // 3
         return self._patch_map(out[..., :d] + out[..., d : 2 * d], grid)
+
+    def last_attention(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The last block's attention probabilities, averaged over heads (DINO's attention maps).
+
+        softmax(s q kᵀ) per head with timm's scale s = head_dim^-0.5, over every token (prefix first: [CLS],
+        registers; then the patches row-major), then the mean over heads. fp16 autocast on CUDA, fp32 on the CPU.
+
+        Args:
+            images: B x 3 x H x W (see :meth:`tokens`).
+
+        Returns:
+            (B x N x N float32, N = ``model.num_prefix_tokens`` + h·w; the grid (h, w)), no grad.
+        """
+        _, attn = self._last_block()
+        out, grid = self._last_qkv(images)
+        b, n, _ = out.shape
+        heads = attn.num_heads
+        q, k, _ = out.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each B x heads x N x head_dim
+        weights = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+        return weights.mean(dim=1), grid
 
 
 # -- loading --------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from .errors import OvdenseError
 from .fileio import write_atomic
 
 __all__ = [
+    "attention_grid",
     "blend",
     "class_areas",
     "colorize",
+    "heatmap",
     "label_image",
     "label_palette",
     "legend_rows",
@@ -478,3 +480,95 @@ def label_image(labels: np.ndarray, palette: np.ndarray | None = None) -> Image.
     img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
     img.putpalette(pal.reshape(-1).tolist(), rawmode="RGB")
     return img
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def heatmap(values: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
+    """A map as colours: min..max of its finite values to the jet colormap, bilinear to ``size`` = (H, W).
+
+    Args:
+        values: h x w floats (NaN entries get the lowest colour).
+        size: (H, W) of the picture.
+
+    Returns:
+        H x W x 3 uint8 RGB, or None when no value is finite (nothing to show).
+    """
+    import cv2
+
+    v = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(v)
+    if not finite.any():
+        return None
+    lo, hi = float(v[finite].min()), float(v[finite].max())
+    scaled = np.where(finite, (v - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
+    big = cv2.resize(scaled.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    grey = np.clip(np.rint(big * 255), 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[:, :, ::-1].copy()
+
+
+def attention_grid(image, maps, cell_height: int = 160, alpha: float = 0.6) -> Image.Image:
+    """DeCLIP's Figure 1 as one picture: a row per token ([CLS], then each point), a column per map.
+
+    Args:
+        image: H0 x W0 x 3 uint8 RGB (or a PIL image), the image the maps belong to.
+        maps: an :class:`ovdense.attention.AttentionMaps` (its ``columns()`` and ``row_names``).
+        cell_height: height of each cell in pixels; the width follows the image's aspect ratio.
+        alpha: heatmap opacity over the image.
+
+    Returns:
+        RGB PIL image: a title strip over ``len(columns)`` cells per row, the row names on the left. Each cell is
+        the map scaled to its own min..max (jet: blue low, red high) over the image; a point's row marks the point
+        with a white ring; a cell with no value (e.g. the [CLS] row of a head without [CLS]) says ``n/a``.
+    """
+    rgb = _as_rgb(image)
+    h0, w0 = rgb.shape[:2]
+    ch = int(cell_height)
+    cw = max(1, round(w0 * ch / h0))
+    base = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR))
+    columns = maps.columns()
+    rows = maps.row_names
+    font_size = max(11, ch // 11)
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(4, font_size // 2)
+    label_w = max(measure.textbbox((0, 0), r, font=font)[2] for r in rows) + 2 * pad
+    title_h = round(font_size * 1.8)
+    gap = 4
+    width = label_w + len(columns) * (cw + gap)
+    height = title_h + len(rows) * (ch + gap)
+    canvas = Image.new("RGB", (width, height), _PANEL_BG)
+    draw = ImageDraw.Draw(canvas)
+    for j, (title, _) in enumerate(columns):
+        x = label_w + j * (cw + gap)
+        text = title
+        while len(text) > 4 and measure.textbbox((0, 0), text, font=font)[2] > cw:
+            text = text[:-4] + "..."
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        draw.text((x + (cw - (right - left)) / 2 - left, (title_h - (top + bottom)) / 2), text, fill=_TEXT, font=font)
+    ring = max(3, ch // 25)
+    for i, name in enumerate(rows):
+        y = title_h + i * (ch + gap)
+        left, top, _, bottom = measure.textbbox((0, 0), name, font=font)
+        draw.text((pad - left, y + (ch - (top + bottom)) / 2), name, fill=_TEXT, font=font)
+        for j, (_, values) in enumerate(columns):
+            x = label_w + j * (cw + gap)
+            colours = heatmap(values[i], (ch, cw))
+            if colours is None:
+                cell = Image.fromarray((base * 0.3 + 180).astype(np.uint8))
+                cell_draw = ImageDraw.Draw(cell)
+                l2, t2, r2, b2 = cell_draw.textbbox((0, 0), "n/a", font=font)
+                cell_draw.text(((cw - (r2 - l2)) / 2 - l2, (ch - (t2 + b2)) / 2), "n/a", fill=_TEXT, font=font)
+            else:
+                mixed = base.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+                cell = Image.fromarray(np.rint(mixed).astype(np.uint8))
+            if i > 0:
+                px, py = maps.points[i - 1]
+                cx, cy = (px + 0.5) * cw / w0, (py + 0.5) * ch / h0
+                cell_draw = ImageDraw.Draw(cell)
+                outer = ring + 1
+                cell_draw.ellipse((cx - outer, cy - outer, cx + outer, cy + outer), outline=(0, 0, 0), width=1)
+                cell_draw.ellipse((cx - ring, cy - ring, cx + ring, cy + ring), outline=(255, 255, 255), width=2)
+            canvas.paste(cell, (x, y))
+    return canvas

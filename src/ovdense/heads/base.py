@@ -28,6 +28,13 @@ def attend(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return weights @ v.to(weights.dtype)
 
 
+def record_attention(context: dict, weights: torch.Tensor) -> None:
+    """Keep the attention a head applies, averaged over heads (B x M x M over the head's output tokens), when
+    the caller asked for it (``context["record_attention"]``, see :meth:`DenseHead.run`); the last call wins."""
+    if context.get("record_attention"):
+        context["head_attention"] = weights.detach().float().mean(dim=1)
+
+
 def self_softmax(t: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale * t tᵀ) over the last axis for t of shape B x heads x L x head_dim."""
     return torch.softmax((t * scale) @ t.transpose(-2, -1), dim=-1)
@@ -43,7 +50,9 @@ class DenseHead:
     names inside its pass (``needs_text = True``) finds a :class:`TextQuery` in ``context["text"]``; one that
     needs a vision foundation model (``uses_vfm``) an :class:`ovdense.vfm.Vfm` in ``context["vfm"]``; one that
     needs class-agnostic masks (``uses_masks``) the windows' B x H x W region ids in ``context["masks"]``. A head
-    whose features live on another grid than the tower's (a VFM's) puts it in ``context["out_grid"]``.
+    whose features live on another grid than the tower's (a VFM's) puts it in ``context["out_grid"]``. A head
+    hands the attention it applies in its last block to :func:`record_attention` (what the demo and
+    ``ovdense attention`` show).
     """
 
     name: str = "abstract"
@@ -73,7 +82,21 @@ class DenseHead:
         vfm=None,
         masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Dense features of a batch of images.
+        """Dense features of a batch of images: B x D x h x w (see :meth:`run`)."""
+        return self.run(tower, images, pos_rule, normalize, text, vfm, masks)[0]
+
+    def run(
+        self,
+        tower: DenseTower,
+        images: torch.Tensor,
+        pos_rule: str = "sclip",
+        normalize: bool = True,
+        text: TextQuery | None = None,
+        vfm=None,
+        masks: torch.Tensor | None = None,
+        record_attention: bool = False,
+    ) -> tuple[torch.Tensor, dict]:
+        """Dense features of a batch of images, and the pass's context.
 
         Args:
             tower: the image tower.
@@ -85,10 +108,14 @@ class DenseHead:
             text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
             vfm: an :class:`ovdense.vfm.Vfm`, for heads with ``uses_vfm``.
             masks: B x H x W integer region ids of each image, for heads with ``uses_masks``.
+            record_attention: keep the attention the head applies in ``context["head_attention"]``: B x M x M
+                averaged over heads, M the head's output tokens (prefix rows first when ``output_has_prefix``,
+                then the h x w grid row-major); absent for a head that records none.
 
         Returns:
-            B x D x h x w projected features (D = joint embedding width; h x w the tower's grid H/p x W/p, or
-            the grid the head computes on, e.g. a VFM's), L2-normalised per token when ``normalize``.
+            ``(features, context)``: B x D x h x w projected features (D = joint embedding width; h x w the tower's
+            grid H/p x W/p, or the grid the head computes on, e.g. a VFM's), L2-normalised per token when
+            ``normalize``; the context holds ``grid`` and, where the head set one, ``out_grid``.
         """
         for needed, value, what in (
             (self.needs_text, text, "segments inside its pass: give it the text embeddings"),
@@ -98,12 +125,12 @@ class DenseHead:
             if needed and value is None:
                 raise ValueError(f"the {self.name} head {what}")
         x, context = tower.tokens_before_last_block(images, pos_rule, self.taps(tower))
-        context.update(images=images, text=text, vfm=vfm, masks=masks)
+        context.update(images=images, text=text, vfm=vfm, masks=masks, record_attention=record_attention)
         y = self.project(tower, self.last_block(tower, x, context), context)
         if normalize:
             y = F.normalize(y, dim=-1)
         h, w = context.get("out_grid", context["grid"])
-        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w), context
 
     def project(self, tower: DenseTower, y, context: dict) -> torch.Tensor:
         """The last block's output to B x (h·w) x D dense tokens: the tower's final norm and projection, prefix

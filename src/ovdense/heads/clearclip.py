@@ -1,6 +1,6 @@
 """ClearCLIP (Lan et al. 2024): q-q attention, no residual, no FFN."""
 
-from .base import DenseHead, attend, self_softmax
+from .base import DenseHead, attend, record_attention, self_softmax
 
 
 class ClearClipHead(DenseHead):
@@ -13,4 +13,6 @@ class ClearClipHead(DenseHead):
 
     def last_block(self, tower, x, context):
         q, _, v = tower.qkv(tower.last_norm1(x))
-        return tower.attn_out(attend(self_softmax(q, tower.scale), v))
+        weights = self_softmax(q, tower.scale)
+        record_attention(context, weights)
+        return tower.attn_out(attend(weights, v))

@@ -1,6 +1,6 @@
 """Vanilla CLIP: the unchanged last block (the 14.1 mIoU baseline of SCLIP's table)."""
 
-from .base import DenseHead
+from .base import DenseHead, record_attention
 
 
 class ClipHead(DenseHead):
@@ -9,4 +9,6 @@ class ClipHead(DenseHead):
     name = "clip"
 
     def last_block(self, tower, x, context):
+        if context.get("record_attention"):  # the weights from the block's parts; the output stays the module's
+            record_attention(context, tower.block_with_attention(tower.num_blocks - 1, x, context)[1])
         return tower.last_block(x, context)

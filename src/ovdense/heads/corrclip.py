@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Taps
-from .base import DenseHead
+from .base import DenseHead, record_attention
 from .proxyclip import vfm_input
 
 __all__ = ["CorrclipHead", "connected_components", "merge_regions", "nearest", "scope_attention"]
@@ -166,14 +166,17 @@ class CorrclipHead(DenseHead):
             return v.permute(0, 2, 3, 1).reshape(b, heads, -1, dim)
 
         v_main, v_spatial = to_vfm_grid(x), to_vfm_grid(spatial)
-        main, spatial_out, semantic = [], [], []
+        main, spatial_out, semantic, applied = [], [], [], []
         for i in range(len(x)):  # the regions, and so the attention and the semantic tokens, differ per window
             merged = merge_regions(ids_f[i], feats[i], self.eps)
             weights = scope_attention(similarity[i], merged.reshape(-1), self.tau)[None, None]
+            applied.append(weights)
             main.append(tower.attn_out(weights @ v_main[i : i + 1])[0])
             spatial_out.append(tower.attn_out(weights @ v_spatial[i : i + 1])[0])
             semantic.append(self._semantic(tower, states, x, i, nearest(merged[None], (h, w))[0], grid_f))
         context["out_grid"] = grid_f
+        if context.get("record_attention"):
+            record_attention(context, torch.cat(applied))
         return torch.stack(main), torch.stack(spatial_out), torch.stack(semantic)
 
     def _semantic(self, tower, states, x, i, ids_c: torch.Tensor, grid_f) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..presets import DECLIP_MODES
-from .base import DenseHead, attend, self_softmax
+from .base import DenseHead, attend, record_attention, self_softmax
 
 
 class DeclipHead(DenseHead):
@@ -22,14 +22,15 @@ class DeclipHead(DenseHead):
         self.mode = mode
 
     def last_block(self, tower, x, context):
-        return self.decoupled(tower, x)[0]
+        return self.decoupled(tower, x, context)[0]
 
-    def decoupled(self, tower, x):
+    def decoupled(self, tower, x, context: dict | None = None):
         """Content tokens and the context features of one pass through the last block.
 
         Args:
             tower: the image tower.
             x: B x L x C tokens entering the last block.
+            context: the pass's context, where the attention is recorded (see :func:`record_attention`).
 
         Returns:
             ``(content, q, k)``: content B x L x C (this head's last block, before the final norm and
@@ -40,6 +41,8 @@ class DeclipHead(DenseHead):
         weights = self_softmax(q, tower.declip_scale)
         if self.mode == "csa":
             weights = weights + self_softmax(k, tower.declip_scale)
+        if context is not None:
+            record_attention(context, weights)
         content = tower.attn_out(attend(weights, v))
         return content, tower.merge_heads(q), tower.merge_heads(k)
 

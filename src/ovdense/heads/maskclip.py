@@ -1,6 +1,8 @@
 """MaskCLIP (Zhou et al. 2022): the value path of the last attention, residual and FFN kept."""
 
-from .base import DenseHead
+import torch
+
+from .base import DenseHead, record_attention
 
 
 class MaskClipHead(DenseHead):
@@ -10,5 +12,7 @@ class MaskClipHead(DenseHead):
 
     def last_block(self, tower, x, context):
         _, _, v = tower.qkv(tower.last_norm1(x))
+        if context.get("record_attention"):  # each token keeps its own value: the identity attention
+            record_attention(context, torch.eye(v.shape[2], device=v.device).expand(len(v), 1, -1, -1))
         y = x + tower.attn_out(v)
         return y + tower.ffn(y)

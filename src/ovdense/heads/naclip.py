@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DenseHead, attend
+from .base import DenseHead, attend, record_attention
 
 
 def gaussian_neighbourhood_bias(
@@ -46,7 +46,9 @@ class NaclipHead(DenseHead):
         _, k, v = tower.qkv(tower.last_norm1(x))
         logits = (k * tower.scale) @ k.transpose(-2, -1)
         logits = logits + self.bias(context["grid"], tower.num_prefix_tokens, logits.device, logits.dtype)
-        return tower.attn_out(attend(torch.softmax(logits, dim=-1), v))
+        weights = torch.softmax(logits, dim=-1)
+        record_attention(context, weights)
+        return tower.attn_out(attend(weights, v))
 
     def __repr__(self) -> str:
         return f"NaclipHead(sigma={self.sigma})"

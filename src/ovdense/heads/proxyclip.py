@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DenseHead
+from .base import DenseHead, record_attention
 
 __all__ = ["ProxyclipHead", "proxy_attention", "vfm_input"]
 
@@ -87,6 +87,7 @@ class ProxyclipHead(DenseHead):
         v = F.interpolate(v, size=grid, mode="bilinear", align_corners=False)
         v = v.permute(0, 2, 3, 1).reshape(b, heads, grid[0] * grid[1], dim)
         context["out_grid"] = grid
+        record_attention(context, weights)
         return tower.attn_out(weights.to(v.dtype) @ v)
 
     def __repr__(self) -> str:

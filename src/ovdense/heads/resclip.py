@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Taps
 from ..pamr import pamr
-from .base import DenseHead
+from .base import DenseHead, record_attention
 from .naclip import gaussian_neighbourhood_bias
 
 __all__ = ["ResclipHead", "patch_labels", "sfr_prior", "valid_paths"]
@@ -181,6 +181,7 @@ class ResclipHead(DenseHead):
                 logits = self.sfr_tau * ((1 - self.sfr_lambda) * logits + lam_prior)
             weights = torch.softmax(logits + omega, dim=-1)
             weights = self.rcs_tau * ((1 - self.rcs_lambda) * weights + self.rcs_lambda * rcs)
+            record_attention(context, weights)  # the final (SFR) pass's is kept
             return tower.attn_out(weights @ v.to(weights.dtype))
 
         first = tower.project(attend(None))[:, tower.num_prefix_tokens :]

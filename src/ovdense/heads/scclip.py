@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Taps
-from .base import DenseHead
+from .base import DenseHead, record_attention
 
 __all__ = ["ScclipHead", "local_outlier_factor", "repair_anomalies", "similarity_aggregation"]
 
@@ -167,6 +167,7 @@ class ScclipHead(DenseHead):
         def final_pass(tokens: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
             _, k, v = tower.qkv(tower.last_norm1(tokens))
             weights = (prior + torch.softmax((k @ k.transpose(-2, -1)) * tower.scale, dim=-1)) / 2
+            record_attention(context, weights)  # the second (multi-level) pass's is kept
             out = tower.attn_out(weights @ v.to(weights.dtype)) + self.res_cls * cls
             return agg_post @ out
 

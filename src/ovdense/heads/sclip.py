@@ -1,6 +1,6 @@
 """SCLIP (Wang et al. 2024): correlative self-attention, q-q plus k-k, residual and FFN kept."""
 
-from .base import DenseHead, attend, self_softmax
+from .base import DenseHead, attend, record_attention, self_softmax
 
 
 class SclipHead(DenseHead):
@@ -14,5 +14,6 @@ class SclipHead(DenseHead):
     def last_block(self, tower, x, context):
         q, k, v = tower.qkv(tower.last_norm1(x))
         weights = self_softmax(q, tower.scale) + self_softmax(k, tower.scale)
+        record_attention(context, weights)
         y = x + tower.attn_out(attend(weights, v))
         return y + tower.ffn(y)
