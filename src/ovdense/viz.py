@@ -18,6 +18,7 @@ from .fileio import write_atomic
 
 __all__ = [
     "attention_grid",
+    "attention_overlay",
     "blend",
     "class_areas",
     "colorize",
@@ -508,6 +509,43 @@ def heatmap(values: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
     return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[:, :, ::-1].copy()
 
 
+def attention_overlay(
+    image, values: np.ndarray, point: Sequence[float] | None = None, alpha: float = 0.6, font_size: int = 14
+) -> Image.Image:
+    """One map over its image: :func:`heatmap` blended in, the point (if any) marked with a white ring.
+
+    Args:
+        image: H x W x 3 uint8 RGB (or a PIL image) at the size to draw.
+        values: h x w map over the whole image (any grid).
+        point: (x, y) in the pixels of ``image``.
+        alpha: heatmap opacity.
+        font_size: size of the ``n/a`` written on a map without finite values.
+
+    Returns:
+        H x W RGB PIL image.
+    """
+    base = _as_rgb(image)
+    h, w = base.shape[:2]
+    colours = heatmap(values, (h, w))
+    if colours is None:
+        cell = Image.fromarray((base * 0.3 + 180).astype(np.uint8))
+        draw = ImageDraw.Draw(cell)
+        font = _font(font_size)
+        left, top, right, bottom = draw.textbbox((0, 0), "n/a", font=font)
+        draw.text(((w - (right - left)) / 2 - left, (h - (top + bottom)) / 2), "n/a", fill=_TEXT, font=font)
+    else:
+        mixed = base.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+        cell = Image.fromarray(np.rint(mixed).astype(np.uint8))
+    if point is not None:
+        ring = max(3, min(h, w) // 25)
+        cx, cy = point
+        draw = ImageDraw.Draw(cell)
+        outer = ring + 1
+        draw.ellipse((cx - outer, cy - outer, cx + outer, cy + outer), outline=(0, 0, 0), width=1)
+        draw.ellipse((cx - ring, cy - ring, cx + ring, cy + ring), outline=(255, 255, 255), width=2)
+    return cell
+
+
 def attention_grid(image, maps, cell_height: int = 160, alpha: float = 0.6) -> Image.Image:
     """DeCLIP's Figure 1 as one picture: a row per token ([CLS], then each point), a column per map.
 
@@ -547,28 +585,15 @@ def attention_grid(image, maps, cell_height: int = 160, alpha: float = 0.6) -> I
             text = text[:-4] + "..."
         left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
         draw.text((x + (cw - (right - left)) / 2 - left, (title_h - (top + bottom)) / 2), text, fill=_TEXT, font=font)
-    ring = max(3, ch // 25)
     for i, name in enumerate(rows):
         y = title_h + i * (ch + gap)
         left, top, _, bottom = measure.textbbox((0, 0), name, font=font)
         draw.text((pad - left, y + (ch - (top + bottom)) / 2), name, fill=_TEXT, font=font)
+        point = None
+        if i > 0:
+            px, py = maps.points[i - 1]
+            point = ((px + 0.5) * cw / w0, (py + 0.5) * ch / h0)
         for j, (_, values) in enumerate(columns):
-            x = label_w + j * (cw + gap)
-            colours = heatmap(values[i], (ch, cw))
-            if colours is None:
-                cell = Image.fromarray((base * 0.3 + 180).astype(np.uint8))
-                cell_draw = ImageDraw.Draw(cell)
-                l2, t2, r2, b2 = cell_draw.textbbox((0, 0), "n/a", font=font)
-                cell_draw.text(((cw - (r2 - l2)) / 2 - l2, (ch - (t2 + b2)) / 2), "n/a", fill=_TEXT, font=font)
-            else:
-                mixed = base.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-                cell = Image.fromarray(np.rint(mixed).astype(np.uint8))
-            if i > 0:
-                px, py = maps.points[i - 1]
-                cx, cy = (px + 0.5) * cw / w0, (py + 0.5) * ch / h0
-                cell_draw = ImageDraw.Draw(cell)
-                outer = ring + 1
-                cell_draw.ellipse((cx - outer, cy - outer, cx + outer, cy + outer), outline=(0, 0, 0), width=1)
-                cell_draw.ellipse((cx - ring, cy - ring, cx + ring, cy + ring), outline=(255, 255, 255), width=2)
-            canvas.paste(cell, (x, y))
+            cell = attention_overlay(base, values[i], point, alpha, font_size)
+            canvas.paste(cell, (label_w + j * (cw + gap), y))
     return canvas
