@@ -1,4 +1,4 @@
-"""Command line: ``ovdense segment | attention | eval | eval-regions | train | convert | list-models | list-methods``.
+"""Command line: ``ovdense segment | attention | demo | eval | eval-regions | train | convert | list-...``.
 
 Bad input (missing image, empty class list, unknown model, corrupt checkpoint, CUDA without CUDA, an ``--out``
 that cannot be written...) prints one line on stderr and exits 2, before anything is written to ``--out``.
@@ -21,7 +21,9 @@ from .presets import DATASETS, METHODS
 EXIT_USAGE = 2
 
 
-def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, masks: bool = False) -> None:
+def _add_model_args(
+    p: argparse.ArgumentParser, preset_overrides: bool = True, masks: bool = False, method: bool = True
+) -> None:
     from .precision import PRECISIONS
     from .presets import DECLIP_MODES
 
@@ -37,9 +39,13 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, m
         default=None,
         help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
     )
-    g.add_argument(
-        "--method", default="sclip", choices=list(METHODS), help="dense head and its authors' settings (default sclip)"
-    )
+    if method:
+        g.add_argument(
+            "--method",
+            default="sclip",
+            choices=list(METHODS),
+            help="dense head and its authors' settings (default sclip)",
+        )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument(
         "--precision",
@@ -63,13 +69,14 @@ def _add_model_args(p: argparse.ArgumentParser, preset_overrides: bool = True, m
         help="VFM of proxyclip/corrclip (default dino-b8): dino-{s,b}{8,16}, dinov2-{s,b,l}[-reg], timm:NAME",
     )
     g.add_argument("--vfm-checkpoint", default=None, help="local weights file of the VFM (DINO/timm layout)")
-    if masks:
+    if masks and method:
         g.add_argument(
             "--masks-dir",
             default=None,
             help="corrclip's class-agnostic masks: <image stem>.npz files (instance_mask); for eval the folder "
             "holding voc/, context/, coco/, city/, ade/ (CorrCLIP's region_masks)",
         )
+    if masks:
         from .mask_generators import MASK_GENERATORS
 
         g.add_argument(
@@ -380,6 +387,60 @@ def cmd_attention(args) -> int:
         files[out / f"{stem}_attention.json"] = lambda f, data=data: f.write(data)
         write_group_atomic(files)
     print(f"wrote {len(images)} attention grid(s), their maps (.npy) and JSON to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .heads import HEADS
+    from .presets import get_preset
+
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise OvdenseError(f"--methods: expected a comma list of {', '.join(METHODS)}; got {args.methods!r}")
+    if not 0 < args.port < 65536:
+        raise OvdenseError(f"--port must be in 1..65535, got {args.port}")
+    _apply_max_pixels(args)
+    presets = {m: get_preset(m) for m in methods}
+    heads = {m: HEADS[p.head] for m, p in presets.items()}
+    needs_masks = [m for m, h in heads.items() if h.uses_masks]
+    if needs_masks and not args.mask_generator:
+        raise OvdenseError(f"{needs_masks[0]} needs class-agnostic masks of each upload: add --mask-generator sam")
+    if args.mask_generator and not needs_masks:
+        raise OvdenseError("--mask-generator and --mask-model apply to corrclip; it is not among --methods")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise OvdenseError("the demo needs Gradio: pip install 'ovdense[demo]'") from None
+    from .demo import DemoSession, build_app
+
+    args.method = methods[0]
+    _apply_method_weights(args, presets[methods[0]])
+    loaded = _load_for_cli(args)
+    device = next(loaded.model.parameters()).device
+    vfm = None
+    if args.vfm or args.vfm_checkpoint or any(h.uses_vfm for h in heads.values()):
+        vfm = _load_vfm_for_cli(args, presets[methods[0]], device)
+    generator = None
+    if args.mask_generator:
+        from .mask_generators import mask_generator
+
+        kwargs = {"model": args.mask_model} if args.mask_model else {}
+        generator = mask_generator(args.mask_generator, device=device, **kwargs)
+    random = [name for name, is_test in ((args.model, loaded.is_test_model),
+              (vfm.name if vfm else "", bool(vfm and vfm.is_test_model))) if is_test]  # fmt: skip
+    warning = None
+    if random:
+        warning = (f"WARNING: {' and '.join(random)}: RANDOM test weights; the labels and maps mean nothing "
+                   "(for trying the page only).")  # fmt: skip
+    session = DemoSession(
+        loaded, methods, device, precision=args.precision, vfm=vfm, mask_generator=generator,
+        text_cache_dir=False if args.text_cache == "off" else args.text_cache, warning=warning,
+    )  # fmt: skip
+    app = build_app(session)
+    print(f"ovdense demo: http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
     return 0
 
 
@@ -808,6 +869,12 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", required=True, help="output directory")
     _add_model_args(at, preset_overrides=False, masks=True)
     at.set_defaults(func=cmd_attention)
+    dm = sub.add_parser("demo", help="a web page to try methods on your images and click points for attention")
+    dm.add_argument("--methods", default="sclip,naclip,declip", help="comma list (default sclip,naclip,declip)")
+    dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    dm.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    _add_model_args(dm, preset_overrides=False, masks=True, method=False)
+    dm.set_defaults(func=cmd_demo)
     ev = sub.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
     ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
     ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")

@@ -1,0 +1,373 @@
+"""``ovdense demo``: a web page to try the methods on any image, and to see where a clicked point looks.
+
+Upload an image (or pick an example), type classes in the usual ``"sky; person, person in shirt; tree"``
+syntax, tick one or more methods: the overlays appear side by side with a legend and each class's share of the
+image, and each method's label PNG and JSON can be downloaded. Click a point of the image: CLIP's attention in
+the chosen block (a slider), each method's own last-block attention and the affinity of its dense features,
+and, with a VFM, the VFM's attention and affinity (:mod:`ovdense.attention`).
+
+:class:`DemoSession` holds the models and does the work (no Gradio in it, so it is tested directly);
+:func:`build_app` lays out the Gradio page (extra ``[demo]``: ``pip install 'ovdense[demo]'``). One CLIP serves
+every method; each method's :class:`~ovdense.predictor.Segmenter` keeps the image's features, so changing only
+the classes reruns only the text side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InvalidArgumentError, OvdenseError
+
+__all__ = ["EXAMPLES", "AttentionView", "DemoSession", "MethodView", "build_app", "example_images"]
+
+#: Example images shipped with ovdense (``demo_examples/``, public domain or CC0; see its README) and classes.
+EXAMPLES = (
+    ("astronaut.jpg", "background; person, astronaut; flag; rocket"),
+    ("coffee.jpg", "background; cup, coffee cup; saucer; spoon; table"),
+    ("chelsea.jpg", "background; cat; floor"),
+)
+
+
+def example_images() -> list[tuple[str, str]]:
+    """(path, classes) of the shipped examples."""
+    folder = Path(__file__).parent / "demo_examples"
+    return [(str(folder / name), classes) for name, classes in EXAMPLES]
+
+
+@dataclass
+class MethodView:
+    """One method's segmentation of the image.
+
+    Attributes:
+        method: the method's name.
+        overlay: the image with the labels blended in and a legend (PIL image).
+        labels: H x W int64 class indices.
+        legend: :func:`ovdense.viz.legend_rows` of the present classes (name, colour, pixels, percent).
+        files: the label PNG and the JSON summary written for download.
+    """
+
+    method: str
+    overlay: Image.Image
+    labels: np.ndarray
+    legend: list[dict]
+    files: list[str]
+
+
+@dataclass
+class AttentionView:
+    """One map of the clicked point over the image.
+
+    Attributes:
+        title: what it shows (``CLIP block 12 attention``, ``sclip affinity``...).
+        picture: the map over the image, the point marked (PIL image at the image's size).
+        peak: (x, y) image pixel at the centre of the map's largest cell (None: the map has no values).
+    """
+
+    title: str
+    picture: Image.Image
+    peak: tuple[float, float] | None
+
+
+def _image_key(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
+
+
+def _peak(values: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float] | None:
+    if not np.isfinite(values).any():
+        return None
+    r, c = np.unravel_index(np.nanargmax(values), values.shape)
+    (h0, w0), (h, w) = image_size, values.shape
+    return (float((c + 0.5) * w0 / w), float((r + 0.5) * h0 / h))
+
+
+class DemoSession:
+    """The demo's models and work: segment an image with several methods, and the maps of a clicked point.
+
+    Args:
+        loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every method.
+        methods: method names (:func:`ovdense.list_methods`).
+        device: where the towers run.
+        precision: as :class:`~ovdense.predictor.Segmenter`.
+        vfm: an :class:`ovdense.vfm.Vfm`: the VFM of methods that use one (ProxyCLIP, CorrCLIP), and the VFM
+            whose attention and affinity are shown beside CLIP's.
+        mask_generator: class-agnostic masks for CorrCLIP (see :mod:`ovdense.mask_generators`).
+        text_cache_dir: as :class:`~ovdense.predictor.Segmenter`.
+        out_dir: where the downloadable files go (default: a new temporary folder).
+        warning: a line shown at the top of the page (the random test model's).
+    """
+
+    def __init__(
+        self,
+        loaded,
+        methods: Sequence[str],
+        device,
+        precision: str = "auto",
+        vfm=None,
+        mask_generator=None,
+        text_cache_dir=None,
+        out_dir: str | Path | None = None,
+        warning: str | None = None,
+    ):
+        from .heads import create_head
+        from .predictor import Segmenter
+        from .presets import get_preset
+
+        if not methods:
+            raise InvalidArgumentError("methods: give at least one method")
+        self.loaded = loaded
+        self.vfm = vfm
+        self.warning = warning
+        self.segmenters: dict[str, Segmenter] = {}
+        for method in dict.fromkeys(methods):
+            try:
+                preset = get_preset(method)
+            except ValueError as err:
+                raise InvalidArgumentError(str(err)) from None
+            head = create_head(preset.head, **preset.head_kwargs)
+            if head.uses_vfm and vfm is None:
+                raise InvalidArgumentError(f"{method} needs a VFM: start the demo with --vfm (e.g. dino-b8)")
+            if head.uses_masks and mask_generator is None:
+                raise InvalidArgumentError(f"{method} needs class-agnostic masks: start the demo with --mask-generator")
+            self.segmenters[method] = Segmenter(
+                loaded, preset, device, precision=precision, text_cache_dir=text_cache_dir,
+                vfm=vfm if head.uses_vfm else None, mask_generator=mask_generator if head.uses_masks else None,
+            )  # fmt: skip
+        self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ovdense-demo-"))
+        self._keys: dict[str, str] = {}
+        self._lock = threading.Lock()  # one request at a time uses the models
+        self._runs = 0
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.segmenters)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.loaded.tower.num_blocks
+
+    def _check_methods(self, methods: Sequence[str]) -> list[str]:
+        methods = [m for m in methods or () if m]
+        if not methods:
+            raise InvalidArgumentError("tick at least one method")
+        unknown = [m for m in methods if m not in self.segmenters]
+        if unknown:
+            raise InvalidArgumentError(f"unknown method {unknown[0]!r}; this demo has {', '.join(self.methods)}")
+        return methods
+
+    def _set_image(self, method: str, image: np.ndarray) -> None:
+        """Hand the image to the method's segmenter unless it already holds it (its features are kept)."""
+        key = _image_key(image)
+        if self._keys.get(method) != key:
+            self.segmenters[method].set_image(image)
+            self._keys[method] = key
+
+    def segment(
+        self,
+        image: np.ndarray,
+        classes: str,
+        methods: Sequence[str],
+        progress: Callable[[float, str], None] | None = None,
+    ) -> list[MethodView]:
+        """Segment ``image`` (H x W x 3 uint8) with ``classes`` by each method; write each one's label PNG and JSON.
+
+        Raises:
+            OvdenseError: no image, bad classes, no or unknown methods.
+        """
+        from .classes import normalise_classes
+        from .fileio import write_atomic
+        from .viz import label_image, legend_rows
+
+        if image is None:
+            raise InvalidArgumentError("upload an image first (or pick an example)")
+        methods = self._check_methods(methods)
+        try:
+            parsed = normalise_classes(classes)
+        except ValueError as err:
+            raise InvalidArgumentError(str(err)) from None
+        views = []
+        with self._lock:
+            self._runs += 1
+            folder = self.out_dir / f"run-{self._runs}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, method in enumerate(methods):
+                if progress is not None:
+                    progress(i / len(methods), f"{method}: image tower and text")
+                self._set_image(method, image)
+                result = self.segmenters[method].predict(parsed)
+                rows = legend_rows(result.labels, result.display_names, result.background)
+                label_path, json_path = folder / f"{method}_labels.png", folder / f"{method}.json"
+                label_image(result.labels).save(label_path, format="PNG")
+                summary = {"method": method, "size": list(result.labels.shape), "classes": result.class_names,
+                           "areas": result.areas(), "settings": result.settings}  # fmt: skip
+                data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                write_atomic(json_path, lambda f, data=data: f.write(data))
+                files = [str(label_path), str(json_path)]
+                views.append(MethodView(method, result.overlay(), result.labels, rows, files))
+        if progress is not None:
+            progress(1.0, "done")
+        return views
+
+    def attention(
+        self, image: np.ndarray, point: Sequence[float], layer: int, classes: str, methods: Sequence[str]
+    ) -> list[AttentionView]:
+        """The maps of the clicked ``point`` (x, y pixels of ``image``): CLIP's attention in block ``layer``, each
+        method's head attention and affinity, the VFM's attention and affinity.
+
+        Raises:
+            OvdenseError: no image, a point outside it, a block out of range, no or unknown methods.
+        """
+        from .viz import attention_overlay
+
+        if image is None:
+            raise InvalidArgumentError("upload an image first (or pick an example)")
+        methods = self._check_methods(methods)
+        layer = int(layer)
+        if not 1 <= layer <= self.num_blocks:
+            raise InvalidArgumentError(f"block {layer}: the model has blocks 1..{self.num_blocks}")
+        views: list[AttentionView] = []
+        size = image.shape[:2]
+        mark = (float(point[0]) + 0.5, float(point[1]) + 0.5)
+
+        def add(title: str, values: np.ndarray) -> None:
+            views.append(AttentionView(title, attention_overlay(image, values, mark), _peak(values, size)))
+
+        with self._lock:
+            for i, method in enumerate(methods):
+                self._set_image(method, image)
+                seg = self.segmenters[method]
+                classes_arg = classes if seg.head.needs_text else None
+                shown = self.vfm if i == 0 else None  # the VFM's maps once, with the first method
+                maps = seg.attention_maps([point], layers=[layer], classes=classes_arg, vfm=shown)
+                if i == 0:
+                    add(f"CLIP block {layer} attention", maps.clip[1, 0])
+                if maps.head is not None:
+                    add(f"{method} attention", maps.head[1])
+                add(f"{method} affinity", maps.affinity[1])
+                if shown is not None:
+                    add(f"{maps.vfm} attention", maps.vfm_attention[1])
+                    add(f"{maps.vfm} affinity", maps.vfm_affinity[1])
+        return views
+
+
+# -------------------------------------------------------------------------------------------------- page
+
+
+def legend_html(views: Sequence[MethodView]) -> str:
+    """Each method's legend as an HTML table: swatch, class, share of the image (``data-*`` for scripts)."""
+    parts = ['<div class="ovdense-legends">']
+    for view in views:
+        method = html.escape(view.method)
+        parts.append(f'<table class="ovdense-legend" data-method="{method}"><caption>{method}</caption>')
+        for row in view.legend:
+            colour = row["colour"]
+            swatch = "transparent" if colour is None else "rgb({}, {}, {})".format(*colour)
+            parts.append(
+                f'<tr class="legend-entry" data-method="{method}" data-name="{html.escape(row["name"])}" '
+                f'data-percent="{100 * row["fraction"]:.4f}">'
+                f'<td><span style="display:inline-block;width:1em;height:1em;border:1px solid #666;'
+                f'background:{swatch}"></span></td><td>{html.escape(row["name"])}</td>'
+                f'<td class="percent">{row["percent"]}</td></tr>'
+            )
+        parts.append("</table>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def build_app(session: DemoSession, default_methods: Sequence[str] | None = None):
+    """The Gradio page of a :class:`DemoSession` (a ``gradio.Blocks``; call ``.launch()``)."""
+    import gradio as gr
+
+    from .images import decode_image
+
+    methods = session.methods
+    chosen = list(default_methods) if default_methods else methods[:2]
+    examples = example_images()
+
+    def read(path):
+        if path is None:
+            raise gr.Error("upload an image first (or pick an example)")
+        try:
+            return decode_image(path)
+        except OvdenseError as err:
+            raise gr.Error(str(err)) from None
+
+    def on_segment(path, classes, picked, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+        image = read(path)
+        try:
+            views = session.segment(image, classes, picked, progress=lambda f, d: progress(f, desc=d))
+        except OvdenseError as err:
+            raise gr.Error(str(err)) from None
+        gallery = [(v.overlay, v.method) for v in views]
+        files = [f for v in views for f in v.files]
+        return gallery, legend_html(views), files
+
+    def on_attention(path, point, layer, classes, picked):
+        image = read(path)
+        try:
+            views = session.attention(image, point, layer, classes, picked)
+        except OvdenseError as err:
+            raise gr.Error(str(err)) from None
+        gallery = [(v.picture, v.title) for v in views]
+        lines = [f"point ({point[0]:g}, {point[1]:g})"] + [
+            f'<li class="peak" data-title="{html.escape(v.title)}" data-x="{v.peak[0]:.1f}" data-y="{v.peak[1]:.1f}">'
+            f"{html.escape(v.title)}: peak at ({v.peak[0]:.0f}, {v.peak[1]:.0f})</li>"
+            for v in views
+            if v.peak is not None
+        ]
+        return gallery, f'<div id="ovdense-peaks"><b>{lines[0]}</b><ul>{"".join(lines[1:])}</ul></div>'
+
+    def on_click(path, layer, classes, picked, evt: gr.SelectData):
+        point = (float(evt.index[0]), float(evt.index[1]))
+        return (*on_attention(path, point, layer, classes, picked), point)
+
+    # Gradio finds the event argument by its annotation, which this module's postponed annotations leave a string.
+    on_click.__annotations__["evt"] = gr.SelectData
+
+    def on_layer(path, point, layer, classes, picked):
+        if point is None:
+            return gr.skip(), gr.skip()
+        return on_attention(path, point, layer, classes, picked)
+
+    with gr.Blocks(title="ovdense demo") as app:
+        gr.Markdown(
+            "# ovdense: label every pixel with any words\n"
+            "Upload an image, type classes (`;` between classes, `,` between names of one class; with a background "
+            "class, put it first), tick methods, **Segment**. Then click a point of the image to see where it looks."
+        )
+        if session.warning:
+            gr.HTML(f'<div id="model-warning" style="color:#b00;font-weight:bold">{html.escape(session.warning)}</div>')
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="image (click a point: attention below)", elem_id="image",
+                                 sources=["upload", "clipboard"])  # fmt: skip
+                classes = gr.Textbox(label="classes", value=EXAMPLES[0][1], elem_id="classes")
+                picked = gr.CheckboxGroup(methods, value=chosen, label="methods", elem_id="methods")
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+                gr.Examples([[p, c] for p, c in examples], inputs=[image, classes], label="examples")
+            with gr.Column(scale=2):
+                overlays = gr.Gallery(label="overlays", elem_id="overlays", columns=max(1, len(chosen)),
+                                      format="png", interactive=False, object_fit="contain")  # fmt: skip
+                legend = gr.HTML(elem_id="legend")
+                files = gr.File(label="label PNGs and JSON", file_count="multiple", elem_id="downloads",
+                                interactive=False)  # fmt: skip
+        layer = gr.Slider(1, session.num_blocks, value=session.num_blocks, step=1, label="CLIP block",
+                          elem_id="layer")  # fmt: skip
+        peaks = gr.HTML(elem_id="peaks")
+        attention = gr.Gallery(label="attention and affinity of the clicked point", elem_id="attention", columns=4,
+                               format="png", interactive=False, object_fit="contain")  # fmt: skip
+        point = gr.State(None)
+        run.click(on_segment, [image, classes, picked], [overlays, legend, files])
+        classes.submit(on_segment, [image, classes, picked], [overlays, legend, files])
+        image.select(on_click, [image, layer, classes, picked], [attention, peaks, point])
+        layer.change(on_layer, [image, point, layer, classes, picked], [attention, peaks])
+    return app
