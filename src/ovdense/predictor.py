@@ -184,6 +184,7 @@ class Segmenter:
         self._region_maps: dict[int, tuple[torch.Tensor, float]] = {}
         self._regions: np.ndarray | None = None  # H x W region ids at the image's size (CorrCLIP)
         self._attention: dict[tuple, object] = {}  # AttentionPass per (text classifier id, VFM id)
+        self._dense: dict[int | None, torch.Tensor] = {}  # dense_features() at its own size, per text (as _features)
 
     @classmethod
     def from_pretrained(
@@ -289,6 +290,7 @@ class Segmenter:
         self._features = {}
         self._region_maps = {}
         self._attention = {}
+        self._dense = {}
 
     @property
     def image(self) -> np.ndarray | None:
@@ -441,7 +443,12 @@ class Segmenter:
         if self._image is None:
             raise OvdenseError("call set_image() before dense_features()")
         text, _ = self._text_query(classes, "dense_features")
-        return assemble_features(self._window_features(text), size)
+        if size is not None:
+            return assemble_features(self._window_features(text), size)
+        key = id(text) if text is not None else None
+        if key not in self._dense:  # kept for the image: every attention_maps call reads it
+            self._dense[key] = assemble_features(self._window_features(text))
+        return self._dense[key]
 
     @torch.no_grad()
     def attention_maps(self, points=(), layers: Sequence[int] | None = None, classes=None, vfm=None):
