@@ -64,6 +64,19 @@ def test_changing_classes_reuses_the_image_features(crafted, tmp_path):
     assert '"areas"' in summary.read_text() and view.overlay.width > 500
 
 
+def test_background_threshold_makes_class_0_transparent(crafted, tmp_path):
+    demo = session(crafted, tmp_path, methods=("sclip",))
+    (plain,) = demo.segment(PHOTO, "sky, wall; person; chair", ["sclip"])
+    (view,) = demo.segment(PHOTO, "sky, wall; person; chair", ["sclip"], prob_thd=0.99)
+    assert plain.legend[0]["name"] != "background" or plain.legend[0]["colour"] is not None
+    assert view.legend[0]["name"] == "background" and view.legend[0]["colour"] is None
+    bg = view.labels == 0
+    assert bg.all()  # a constant crafted model is never that sure of a class
+    np.testing.assert_array_equal(np.asarray(view.overlay)[:375, :500][bg], PHOTO[bg])
+    with pytest.raises(OvdenseError, match="background threshold must be in 0..1"):
+        demo.segment(PHOTO, CLASSES, ["sclip"], prob_thd=1.5)
+
+
 def test_legend_html_lists_every_present_class_with_its_share(crafted, tmp_path):
     demo = session(crafted, tmp_path, methods=("sclip",))
     (view,) = demo.segment(PHOTO, CLASSES, ["sclip"])

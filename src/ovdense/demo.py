@@ -14,6 +14,7 @@ the classes reruns only the text side.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import json
@@ -177,11 +178,16 @@ class DemoSession:
         classes: str,
         methods: Sequence[str],
         progress: Callable[[float, str], None] | None = None,
+        prob_thd: float | None = None,
     ) -> list[MethodView]:
         """Segment ``image`` (H x W x 3 uint8) with ``classes`` by each method; write each one's label PNG and JSON.
 
+        Args:
+            prob_thd: the background threshold for every method (pixels whose best class probability is below
+                it become class 0, drawn transparent); None keeps each method's own.
+
         Raises:
-            OvdenseError: no image, bad classes, no or unknown methods.
+            OvdenseError: no image, bad classes, no or unknown methods, a threshold outside 0..1.
         """
         from .classes import normalise_classes
         from .fileio import write_atomic
@@ -190,6 +196,8 @@ class DemoSession:
         if image is None:
             raise InvalidArgumentError("upload an image first (or pick an example)")
         methods = self._check_methods(methods)
+        if prob_thd is not None and not 0.0 <= float(prob_thd) <= 1.0:
+            raise InvalidArgumentError(f"background threshold must be in 0..1, got {prob_thd}")
         try:
             parsed = normalise_classes(classes)
         except ValueError as err:
@@ -203,7 +211,10 @@ class DemoSession:
                 if progress is not None:
                     progress(i / len(methods), f"{method}: image tower and text")
                 self._set_image(method, image)
-                result = self.segmenters[method].predict(parsed)
+                seg = self.segmenters[method]
+                if prob_thd is not None:  # a label-side setting: the image features stay valid
+                    seg.preset = dataclasses.replace(seg.preset, prob_thd=float(prob_thd))
+                result = seg.predict(parsed)
                 rows = legend_rows(result.labels, result.display_names, result.background)
                 label_path, json_path = folder / f"{method}_labels.png", folder / f"{method}.json"
                 label_image(result.labels).save(label_path, format="PNG")
@@ -301,10 +312,12 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
         except OvdenseError as err:
             raise gr.Error(str(err)) from None
 
-    def on_segment(path, classes, picked, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+    def on_segment(path, classes, picked, threshold, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
         image = read(path)
         try:
-            views = session.segment(image, classes, picked, progress=lambda f, d: progress(f, desc=d))
+            views = session.segment(
+                image, classes, picked, progress=lambda f, d: progress(f, desc=d), prob_thd=threshold
+            )
         except OvdenseError as err:
             raise gr.Error(str(err)) from None
         gallery = [(v.overlay, v.method) for v in views]
@@ -341,8 +354,9 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
     with gr.Blocks(title="ovdense demo") as app:
         gr.Markdown(
             "# ovdense: label every pixel with any words\n"
-            "Upload an image, type classes (`;` between classes, `,` between names of one class; with a background "
-            "class, put it first), tick methods, **Segment**. Then click a point of the image to see where it looks."
+            "Upload an image, type classes (`;` between classes, `,` between names of one class; put background words "
+            "first and raise the background threshold to leave unsure pixels unlabelled), tick methods, **Segment**. "
+            "Then click a point of the image to see where it looks."
         )
         if session.warning:
             gr.HTML(f'<div id="model-warning" style="color:#b00;font-weight:bold">{html.escape(session.warning)}</div>')
@@ -352,6 +366,10 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
                                  sources=["upload", "clipboard"])  # fmt: skip
                 classes = gr.Textbox(label="classes", value=EXAMPLES[0][1], elem_id="classes")
                 picked = gr.CheckboxGroup(methods, value=chosen, label="methods", elem_id="methods")
+                threshold = gr.Slider(
+                    0, 1, value=0, step=0.05, elem_id="threshold",
+                    label="background threshold: pixels less sure than this become the first class (transparent)",
+                )  # fmt: skip
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 gr.Examples([[p, c] for p, c in examples], inputs=[image, classes], label="examples")
             with gr.Column(scale=2):
@@ -366,8 +384,8 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
         attention = gr.Gallery(label="attention and affinity of the clicked point", elem_id="attention", columns=4,
                                format="png", interactive=False, object_fit="contain")  # fmt: skip
         point = gr.State(None)
-        run.click(on_segment, [image, classes, picked], [overlays, legend, files])
-        classes.submit(on_segment, [image, classes, picked], [overlays, legend, files])
+        run.click(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
+        classes.submit(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
         image.select(on_click, [image, layer, classes, picked], [attention, peaks, point])
         layer.change(on_layer, [image, point, layer, classes, picked], [attention, peaks])
     return app
