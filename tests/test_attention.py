@@ -238,6 +238,7 @@ def test_cli_attention_writes_grid_maps_and_json(tmp_path, capsys):
         (["--points", "1,1", "--layers", "1,x"], "--layers: expected block numbers"),
         (["--points", "1,1", "--layers", "9"], "--layers: ovdense-test-vit has blocks 1..3"),
         (["--points", "1,1", "--method", "resclip"], "no classes"),
+        (["--points", "1,1", "--cell-height", "0"], "--cell-height must be at least 16"),
     ],
 )
 def test_cli_attention_bad_input_is_one_line(tmp_path, capsys, extra, message):

@@ -133,6 +133,18 @@ def test_cli_demo_without_gradio_says_how_to_install(monkeypatch, capsys):
     assert "pip install 'ovdense[demo]'" in capsys.readouterr().err
 
 
+def test_cli_demo_port_in_use_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["demo", "--model", "ovdense-test-vit", "--methods", "sclip", "--port", str(port), "--text-cache", "off"]
+        assert main(argv) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ovdense: error")]
+    assert len(errors) == 1 and f"cannot serve on 127.0.0.1:{port}" in errors[0]
+
+
 def test_cli_demo_serves_the_session(monkeypatch, capsys):
     import gradio as gr
 

@@ -341,6 +341,8 @@ def cmd_attention(args) -> int:
     from .viz import attention_grid
 
     _apply_max_pixels(args)
+    if args.cell_height < 16:
+        raise OvdenseError(f"--cell-height must be at least 16 pixels, got {args.cell_height}")
     points = _parse_points(args.points)
     layers = _parse_layers(args.layers)
     out = check_output_dir(args.out)
@@ -391,6 +393,7 @@ def cmd_attention(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .errors import first_line
     from .heads import HEADS
     from .presets import get_preset
 
@@ -434,12 +437,16 @@ def cmd_demo(args) -> int:
         warning = (f"WARNING: {' and '.join(random)}: RANDOM test weights; the labels and maps mean nothing "
                    "(for trying the page only).")  # fmt: skip
     session = DemoSession(
-        loaded, methods, device, precision=args.precision, vfm=vfm, mask_generator=generator,
-        text_cache_dir=False if args.text_cache == "off" else args.text_cache, warning=warning,
+        loaded, methods, device, precision=args.precision, window_batch=args.window_batch, vfm=vfm,
+        mask_generator=generator, text_cache_dir=False if args.text_cache == "off" else args.text_cache,
+        warning=warning,
     )  # fmt: skip
     app = build_app(session)
     print(f"ovdense demo: http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise OvdenseError(f"cannot serve on {args.host}:{args.port}: {first_line(err)}") from None
     return 0
 
 

@@ -98,7 +98,7 @@ class DemoSession:
         loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every method.
         methods: method names (:func:`ovdense.list_methods`).
         device: where the towers run.
-        precision: as :class:`~ovdense.predictor.Segmenter`.
+        precision, window_batch: as :class:`~ovdense.predictor.Segmenter`.
         vfm: an :class:`ovdense.vfm.Vfm`: the VFM of methods that use one (ProxyCLIP, CorrCLIP), and the VFM
             whose attention and affinity are shown beside CLIP's.
         mask_generator: class-agnostic masks for CorrCLIP (see :mod:`ovdense.mask_generators`).
@@ -113,6 +113,7 @@ class DemoSession:
         methods: Sequence[str],
         device,
         precision: str = "auto",
+        window_batch: int = 16,
         vfm=None,
         mask_generator=None,
         text_cache_dir=None,
@@ -140,7 +141,7 @@ class DemoSession:
             if head.uses_masks and mask_generator is None:
                 raise InvalidArgumentError(f"{method} needs class-agnostic masks: start the demo with --mask-generator")
             self.segmenters[method] = Segmenter(
-                loaded, preset, device, precision=precision, text_cache_dir=text_cache_dir,
+                loaded, preset, device, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
                 vfm=vfm if head.uses_vfm else None, mask_generator=mask_generator if head.uses_masks else None,
             )  # fmt: skip
         self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ovdense-demo-"))
