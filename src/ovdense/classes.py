@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import InvalidArgumentError
 
-__all__ = ["normalise_classes", "parse_class_string", "read_class_file", "validate_classes"]
+__all__ = ["display_names", "normalise_classes", "parse_class_string", "read_class_file", "validate_classes"]
 
 
 def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[list[str]]:
@@ -121,3 +121,12 @@ def normalise_classes(classes) -> list[list[str]]:
         return validate_classes(items)
     except ValueError as err:
         raise InvalidArgumentError(f"classes: {err}") from None
+
+
+def display_names(classes: Sequence[Sequence[str]], background: int | None = None) -> list[str]:
+    """One name per class to show: its first name; ``background`` for the background class, which is a list of
+    background words ("sky, wall, tree, ...") whose first word would mislabel it."""
+    names = [names[0] for names in classes]
+    if background is not None:
+        names[background] = "background"
+    return names

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from . import regions
-from .classes import normalise_classes
+from .classes import display_names, normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, TextQuery, create_head
 from .heads.corrclip import MERGED_OFFSET
@@ -87,10 +87,7 @@ class SegmentationResult:
     @property
     def display_names(self) -> list[str]:
         """One name per class: its first name, ``background`` for the background class."""
-        names = [names[0] for names in self.class_names]
-        if self.background is not None:
-            names[self.background] = "background"
-        return names
+        return display_names(self.class_names, self.background)
 
     def overlay(self, alpha: float = 0.5, legend: bool = True) -> Image.Image:
         """The image with the labels blended in (the background class transparent) and a legend of the classes

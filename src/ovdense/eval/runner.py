@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..classes import display_names
 from ..errors import OvdenseError
 from ..fileio import write_atomic, write_json_atomic
 from ..predictor import Segmenter
@@ -152,14 +153,6 @@ def evaluate(
     acc.all_reduce()
     return acc.compute(display_names(classes, 0 if spec.name in BACKGROUND_CLASS_DATASETS else None))
 
-
-def display_names(classes: list[list[str]], background: int | None) -> list[str]:
-    """One name per class (its first), ``background`` for the background class: that class is a list of
-    background words ("sky, wall, tree, ..."), whose first word would mislabel it."""
-    names = [names[0] for names in classes]
-    if background is not None:
-        names[background] = "background"
-    return names
 
 
 def metrics_table(metrics: SegMetrics) -> str:
