@@ -170,7 +170,7 @@ def test_vfm_and_proxy_heads_maps(tiny_vit):
     assert np.isnan(pm.head[0]).all()  # ProxyCLIP's output has no [CLS] row
     assert pm.head.shape[-2:] == pm.vfm_attention.shape[-2:]  # its attention lives on the VFM grid
     assert np.isfinite(pm.head[1:]).any()
-    corr = Segmenter.from_pretrained("ovdense-test-vit", method="corrclip", vfm="test-dino", text_cache_dir=False)
+    corr = Segmenter.from_pretrained("ovdense-test-vit12", method="corrclip", vfm="test-dino", text_cache_dir=False)
     regions = np.zeros(PHOTO.shape[:2], np.int64)
     regions[:, 250:], regions[200:, :100] = 1, 2
     corr.set_image(PHOTO, masks=regions)
