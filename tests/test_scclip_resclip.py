@@ -387,3 +387,13 @@ def test_resclip_features_follow_the_class_list(vit12):
     assert len(seg._features) == 2  # its first-pass labels, and so its features, differ
     with pytest.raises(Exception, match="needs the class list or masks inside its pass"):
         seg.classify_regions("sky; person", boxes=[[0, 0, 50, 50]])
+
+
+@pytest.mark.parametrize("method, extra", [("scclip", {}), ("resclip", {}), ("corrclip", {"vfm": "test-dino"})])
+def test_a_tower_without_the_blocks_a_head_reads_is_one_line(method, extra):
+    from ovdense.errors import OvdenseError
+    from ovdense.predictor import Segmenter
+
+    with pytest.raises(OvdenseError, match=rf"^{method}: .*this tower has 3 blocks") as info:
+        Segmenter.from_pretrained("ovdense-test-vit", method=method, text_cache_dir=False, **extra)
+    assert "\n" not in str(info.value)

@@ -147,6 +147,10 @@ class Segmenter:
         if window_batch < 1:
             raise OvdenseError("window_batch must be >= 1")
         head_cls = create_head(preset.head, **preset.head_kwargs)
+        try:
+            head_cls.taps(loaded.tower)  # a head that reads given blocks says here if the tower lacks them
+        except ValueError as err:
+            raise InvalidArgumentError(f"{preset.method}: {err}") from None
         if head_cls.uses_vfm and vfm is None:
             raise InvalidArgumentError(
                 f"vfm: the {preset.method} head needs a vision foundation model (e.g. load_vfm({preset.vfm!r}))"

@@ -142,6 +142,8 @@ class CorrclipHead(DenseHead):
         return range(num_blocks - 1 - count, num_blocks - 1)
 
     def taps(self, tower) -> Taps:
+        if not len(self.spatial_blocks(tower.num_blocks)):
+            raise ValueError(f"CorrCLIP averages middle blocks; this tower has {tower.num_blocks} blocks (needs >= 5)")
         # Every block's input: the semantic tokens attend to them; blocks 6-10's outputs are among them.
         return Taps(states=tuple(range(tower.num_blocks - 1)))
 

@@ -155,7 +155,7 @@ class ResclipHead(DenseHead):
     def taps(self, tower) -> Taps:
         if max(self.rcs_blocks) >= tower.num_blocks:
             raise ValueError(
-                f"ResCLIP averages the attention of blocks {self.rcs_blocks}; this tower has {tower.num_blocks}"
+                f"ResCLIP averages the attention of blocks {self.rcs_blocks}; this tower has {tower.num_blocks} blocks"
             )
         return Taps(attention=self.rcs_blocks)
 
