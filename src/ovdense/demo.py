@@ -191,7 +191,7 @@ class DemoSession:
             OvdenseError: no image, bad classes, no or unknown methods, a threshold outside 0..1.
         """
         from .classes import normalise_classes
-        from .fileio import write_atomic
+        from .fileio import write_group_atomic
         from .viz import label_image, legend_rows
 
         if image is None:
@@ -218,11 +218,17 @@ class DemoSession:
                 result = seg.predict(parsed)
                 rows = legend_rows(result.labels, result.display_names, result.background)
                 label_path, json_path = folder / f"{method}_labels.png", folder / f"{method}.json"
-                label_image(result.labels).save(label_path, format="PNG")
                 summary = {"method": method, "size": list(result.labels.shape), "classes": result.class_names,
                            "areas": result.areas(), "settings": result.settings}  # fmt: skip
                 data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-                write_atomic(json_path, lambda f, data=data: f.write(data))
+                labels = label_image(result.labels)
+                # The label PNG and its JSON appear together, as `ovdense segment` writes them.
+                write_group_atomic(
+                    {
+                        label_path: lambda f, im=labels: im.save(f, format="PNG"),
+                        json_path: lambda f, data=data: f.write(data),
+                    }
+                )
                 files = [str(label_path), str(json_path)]
                 views.append(MethodView(method, result.overlay(), result.labels, rows, files))
         if progress is not None:

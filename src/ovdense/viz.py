@@ -150,9 +150,14 @@ def _display(name: str) -> str:
     return name
 
 
+def _font_size(image_height: int) -> int:
+    """Legend and title text size for a picture ``image_height`` pixels tall: 1/32 of it, 12..128 px."""
+    return int(np.clip(round(image_height / 32), 12, 128))
+
+
 def _legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
     """A white panel listing (colour, name) rows; sizes scale with ``image_height``."""
-    font_size = int(np.clip(round(image_height / 32), 12, 128))
+    font_size = _font_size(image_height)
     font = _font(font_size)
     swatch = max(8, round(font_size * 1.1))
     pad = max(4, round(font_size * 0.6))
@@ -398,7 +403,7 @@ def prediction_and_truth(
         raise VizInputError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape}")
     gt = np.where(gt == ignore_index, -1, gt)
     h, w = pred.shape
-    font_size = int(np.clip(round(h / 32), 12, 128))
+    font_size = _font_size(h)
     left = _titled(blend(image, pred, len(names), alpha, background), "prediction", font_size)
     right = _titled(blend(image, gt, len(names), alpha, background), "ground truth", font_size)
     gap = max(4, font_size // 2)
