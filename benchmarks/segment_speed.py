@@ -20,8 +20,9 @@ import open_clip
 import torch
 
 from ovdense.backbones import tower_for
-from ovdense.heads import TextQuery, create_head
+from ovdense.heads import PassInputs, TextQuery
 from ovdense.inference import assemble_cosine_maps, encode_windows, sliding_windows
+from ovdense.methods import create_head
 
 
 def build(name: str, device: torch.device):
@@ -63,9 +64,9 @@ def time_image(tower, head, image, text, crop, stride, window_batch, repeats, au
         query = TextQuery(text, 40.0) if head.needs_text else None
         with torch.no_grad(), autocast():
             if regions is None:
-                encode = lambda x: head.encode_dense(tower, x, text=query, vfm=vfm)  # noqa: E731
+                encode = lambda x: head.encode_dense(tower, x, PassInputs(text=query, vfm=vfm))  # noqa: E731
             else:
-                encode = lambda x, ids: head.encode_dense(tower, x, vfm=vfm, masks=ids[:, 0].long())  # noqa: E731
+                encode = lambda x, ids: head.encode_dense(tower, x, PassInputs(vfm=vfm, masks=ids[:, 0].long()))  # noqa: E731
             pad = 56 if head.uses_vfm else 0  # ProxyCLIP's and CorrCLIP's padding (none at 224)
             feats = encode_windows(image, encode, crop, stride, window_batch, pad, extra=regions, extra_pad=10000)
             return assemble_cosine_maps(feats, text, image.shape[-2:])

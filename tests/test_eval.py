@@ -13,9 +13,10 @@ from PIL import Image
 
 from eval_fixtures import make_dataset
 from ovdense.cli import main
-from ovdense.eval.datasets import DATASETS, get_dataset
+from ovdense.eval.datasets import get_dataset
 from ovdense.eval.metrics import IoUAccumulator
 from ovdense.eval.runner import evaluate
+from ovdense.eval.specs import DATASETS
 from ovdense.predictor import Segmenter
 from ovdense.presets import get_preset
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from ovdense.backbones import resize_patch_pos_embed
-from ovdense.heads import HEADS, create_head
+from ovdense.heads import PassInputs
 from ovdense.heads.naclip import gaussian_neighbourhood_bias
+from ovdense.methods import create_head, list_methods
 
 torch.manual_seed(0)
 IMG = torch.randn(2, 3, 224, 224)
@@ -99,7 +100,7 @@ def test_heads_differ_from_each_other(tiny_vit):
         # SC-CLIP and ResCLIP read blocks by number (a 12-block tower), ProxyCLIP and CorrCLIP need a VFM:
         # compared in test_scclip_resclip.py and test_proxyclip_corrclip.py.
         own_tests = ("scclip", "resclip", "proxyclip", "corrclip")
-        maps = {n: create_head(n).encode_dense(tiny_vit.tower, IMG) for n in HEADS if n not in own_tests}
+        maps = {n: create_head(n).encode_dense(tiny_vit.tower, IMG) for n in list_methods() if n not in own_tests}
     names = list(maps)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -151,7 +152,7 @@ def test_vit_rectangular_input_uses_sclip_rule(tiny_vit):
     for blk in visual.transformer.resblocks:
         x = blk(x)
     expected = dense_map(vit_project(visual, x), (14, 20))
-    got = create_head("clip").encode_dense(tiny_vit.tower, RECT, "sclip")
+    got = create_head("clip").encode_dense(tiny_vit.tower, RECT, PassInputs("sclip"))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_vit_rectangular_input_uses_sclip_rule(tiny_vit):
 def test_eva_clip_head_equals_timm_forward(tiny_eva):
     trunk = tiny_eva.model.visual.trunk
     expected = dense_map(trunk.head(trunk.forward_features(IMG)), (14, 14))
-    got = create_head("clip").encode_dense(tiny_eva.tower, IMG, "size")
+    got = create_head("clip").encode_dense(tiny_eva.tower, IMG, PassInputs("size"))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -177,7 +178,7 @@ def test_eva_rectangular_grid_matches_timm_dynamic_size(tiny_eva, monkeypatch):
     dyn = timm.create_model("ovdense_test_eva02_clip_224", num_classes=32, dynamic_img_size=True).eval()
     dyn.load_state_dict(trunk.state_dict())
     expected = dense_map(dyn.head(dyn.forward_features(RECT)), (14, 20))
-    got = create_head("clip").encode_dense(tiny_eva.tower, RECT, "size")
+    got = create_head("clip").encode_dense(tiny_eva.tower, RECT, PassInputs("size"))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -203,7 +204,7 @@ def test_declip_eva_head_unscaled_without_rope(tiny_eva, mode):
     o = (attn @ v).permute(0, 2, 1, 3).flatten(2)
     o = a.proj(a.norm(o))  # EVA's sub-LN before the output projection
     expected = dense_map(trunk.head(trunk.norm(o)), (14, 14))
-    got = create_head("declip", mode=mode).encode_dense(tiny_eva.tower, IMG, "size")
+    got = create_head("declip", mode=mode).encode_dense(tiny_eva.tower, IMG, PassInputs("size"))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # A scaled head gives a different (softer) attention: the scale really is off.
     assert tiny_eva.tower.declip_scale == 1.0

@@ -348,7 +348,8 @@ def test_scd_loss_equals_direct_computation():
     t = _randn(2, 6, 7, seed=32)
     loss = scd_loss(s, t)
     assert loss.dim() == 0 and loss.dtype == torch.float32
-    # KL = DESIGN's cross-entropy minus the target's entropy (a constant of the target)
+    # KL = the cross-entropy of docs/design.md "SCD and the Refiner (ours)" minus the target's entropy
+    # (a constant of the target)
     expected = _scd_direct(s, t, SCD_TAU) - _entropy_of_target(t, SCD_TAU)
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     expected = _scd_direct(s, t, 1.0) - _entropy_of_target(t, 1.0)

@@ -12,11 +12,13 @@ from PIL import Image
 
 from ovdense import OvdenseError, Segmenter
 from ovdense.cli import main
-from ovdense.heads import create_head
-from ovdense.heads.corrclip import connected_components, merge_regions, nearest, scope_attention
-from ovdense.heads.proxyclip import proxy_attention, vfm_input
+from ovdense.heads import PassInputs
+from ovdense.heads.corrclip import connected_components, merge_regions, scope_attention
+from ovdense.heads.proxyclip import proxy_attention
+from ovdense.heads.vfm_proxies import resize_region_ids, vfm_input
 from ovdense.inference import encode_windows
 from ovdense.masks import paint_regions, read_region_map, region_map_for, vote
+from ovdense.methods import create_head
 from ovdense.presets import get_preset
 from ovdense.vfm import load_vfm
 from ovdense.weights import load_model
@@ -92,7 +94,7 @@ def test_proxy_attention_formula():
 @torch.no_grad()
 def test_proxyclip_head_equals_the_steps_written_out(tiny_vit, dino):
     visual = tiny_vit.model.visual
-    dense = create_head("proxyclip").encode_dense(tiny_vit.tower, WIN, "sclip", vfm=dino)
+    dense = create_head("proxyclip").encode_dense(tiny_vit.tower, WIN, PassInputs("sclip", vfm=dino))
     assert dense.shape == (2, 32, 14, 14)  # the VFM's grid
     pre = tiny_vit.tower.preprocess
     blk = visual.transformer.resblocks[-1]
@@ -215,7 +217,7 @@ def test_corrclip_head_equals_the_steps_written_out(vit12, dino):
     ids[0, 20:70, 10:60], ids[0, 60:, 50:] = 4, 9
     ids[0, :15] = 12
     ids[1, :, 56:] = 3  # two values only: no merging
-    dense = create_head("corrclip").encode_dense(vit12.tower, WIN, "sclip", vfm=dino, masks=ids)
+    dense = create_head("corrclip").encode_dense(vit12.tower, WIN, PassInputs("sclip", vfm=dino, masks=ids))
     assert dense.shape == (2, 32, 14, 14)
     for i in range(2):
         want = corrclip_by_hand(vit12.model.visual, dino, WIN[i : i + 1], ids[i])
@@ -224,7 +226,7 @@ def test_corrclip_head_equals_the_steps_written_out(vit12, dino):
 
 def test_nearest_is_the_legacy_floor_rule():
     ids = torch.arange(12).view(1, 3, 4)
-    out = nearest(ids, (6, 2))
+    out = resize_region_ids(ids, (6, 2))
     rows, cols = (torch.arange(6) * 3 / 6).floor().long(), (torch.arange(2) * 4 / 2).floor().long()
     assert torch.equal(out[0], ids[0][rows][:, cols])
 
@@ -348,7 +350,8 @@ def test_eval_mask_of_the_wrong_size_is_one_line(tmp_path, capsys):
 
 def _masks_for(root, data_root):
     """CorrCLIP's region_masks layout for every image of the synthetic benchmarks under ``data_root``."""
-    from ovdense.eval.datasets import DATASETS, get_dataset
+    from ovdense.eval.datasets import get_dataset
+    from ovdense.eval.specs import DATASETS
     from ovdense.masks import MASK_SUBDIRS
 
     rng = np.random.default_rng(0)
@@ -362,7 +365,7 @@ def _masks_for(root, data_root):
 
 def test_cli_eval_all_corrclip_prints_the_paper_row(tmp_path, capsys):
     from eval_fixtures import make_dataset
-    from ovdense.eval.datasets import DATASETS
+    from ovdense.eval.specs import DATASETS
 
     data = tmp_path / "data"
     for i, name in enumerate(DATASETS):

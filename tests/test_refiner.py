@@ -15,7 +15,8 @@ from timm.models.vision_transformer import Block
 from torchvision.ops import roi_align
 
 from ovdense.errors import OvdenseError
-from ovdense.heads import create_head
+from ovdense.heads import PassInputs
+from ovdense.methods import create_head
 from ovdense.regions import crop_inputs
 from ovdense.train.data import DistillDataset
 from ovdense.train.losses import token_infonce_loss
@@ -104,7 +105,7 @@ def test_frozen_dense_tokens_are_maskclip_before_projection(loaded):
     assert not tokens.requires_grad
     projected = tower.project(tokens)
     as_map = projected.transpose(1, 2).reshape(2, -1, *grid)
-    ref = create_head("maskclip").encode_dense(tower, images, "size", normalize=False)
+    ref = create_head("maskclip").encode_dense(tower, images, PassInputs("size"), normalize=False)
     torch.testing.assert_close(as_map, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -113,12 +114,13 @@ def test_refined_dense_map_identity_and_gradient_flow(loaded):
     images = _images(seed=1)
     refiner = _refiner(tower)
     dense = refined_dense_map(refiner, tower, images, "size", normalize=True)
-    ref = create_head("maskclip").encode_dense(tower, images, "size", normalize=True)
+    ref = create_head("maskclip").encode_dense(tower, images, PassInputs("size"), normalize=True)
     assert dense.shape == ref.shape == (2, tower.out_dim, 4, 3)
     torch.testing.assert_close(dense, ref, rtol=1e-5, atol=1e-5)
 
     raw = refined_dense_map(refiner, tower, images, "size", normalize=False)
-    torch.testing.assert_close(raw, create_head("maskclip").encode_dense(tower, images, "size", normalize=False))
+    ref = create_head("maskclip").encode_dense(tower, images, PassInputs("size"), normalize=False)
+    torch.testing.assert_close(raw, ref)
 
     # A target the identity does not already meet, so the loss has a gradient.
     target = torch.randn(dense.shape, generator=torch.Generator().manual_seed(2))
@@ -192,7 +194,7 @@ def test_zoomed_targets_pool_the_valid_area(loaded):
     tower = loaded.tower
     crops = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     hw = torch.tensor([[224, 224], [112, 224], [224, 80]])
-    dense = create_head("maskclip").encode_dense(tower, crops, "size", normalize=True)
+    dense = create_head("maskclip").encode_dense(tower, crops, PassInputs("size"), normalize=True)
     grid = dense.shape[-1]
     # n = grid on the full crop: one sample per bin at each token's centre, i.e. the tokens themselves.
     full = zoomed_targets(tower, crops[:1], hw[:1], grid)

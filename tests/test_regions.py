@@ -11,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 
 from ovdense import regions
 from ovdense.errors import InvalidArgumentError, OvdenseError
+from ovdense.heads import PassInputs
 from ovdense.predictor import Segmenter
 from ovdense.presets import get_preset
 from ovdense.text import DETECTION_TEMPLATES, OPENAI_TEMPLATES, build_text_classifier
@@ -40,7 +41,8 @@ def dense_map(seg, size):
     x, scale = reference_input(IMAGE, size, tower.preprocess.mean, tower.preprocess.std)
     with torch.no_grad():
         # The references pool EVA02 maps as they are and open_clip ViT maps token-normalised.
-        return seg.head.encode_dense(tower, x, seg.preset.pos_rule, normalize=tower.region_tokens_normalized), scale
+        inputs = PassInputs(seg.preset.pos_rule)
+        return seg.head.encode_dense(tower, x, inputs, normalize=tower.region_tokens_normalized), scale
 
 
 @pytest.mark.parametrize("method", ["declip", "sclip", "clip"])

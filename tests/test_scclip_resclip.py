@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from ovdense import Segmenter
 from ovdense.backbones import Taps
-from ovdense.heads import TextQuery, create_head
+from ovdense.heads import PassInputs, TextQuery
 from ovdense.heads.naclip import gaussian_neighbourhood_bias
 from ovdense.heads.resclip import patch_labels, sfr_prior, valid_paths
 from ovdense.heads.scclip import local_outlier_factor, repair_anomalies, similarity_aggregation
+from ovdense.methods import create_head
 from ovdense.pamr import pamr
 from ovdense.presets import get_preset
 from ovdense.weights import load_model
@@ -207,7 +208,7 @@ def scclip_by_hand(visual, image, grid=(14, 14)):
 @torch.no_grad()
 def test_scclip_head_equals_the_steps_written_out(vit12):
     head = create_head("scclip")
-    dense = head.encode_dense(vit12.tower, IMG, "sclip")
+    dense = head.encode_dense(vit12.tower, IMG, PassInputs("sclip"))
     assert dense.shape == (2, 32, 14, 14)
     for i in range(2):
         by_hand = scclip_by_hand(vit12.model.visual, IMG[i : i + 1])
@@ -215,7 +216,7 @@ def test_scclip_head_equals_the_steps_written_out(vit12):
     # A non-square grid (the reference raises or repairs the wrong cells there): row-major cells.
     rect = torch.randn(1, 3, 160, 272)
     by_hand = scclip_by_hand(vit12.model.visual, rect, grid=(10, 17))
-    torch.testing.assert_close(head.encode_dense(vit12.tower, rect, "sclip"), by_hand, atol=2e-5, rtol=0)
+    torch.testing.assert_close(head.encode_dense(vit12.tower, rect, PassInputs("sclip")), by_hand, atol=2e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -223,7 +224,7 @@ def test_the_2025_heads_differ_from_their_parents(vit12):
     from ovdense.text import build_text_classifier
 
     text = build_text_classifier(vit12.model, vit12.tokenizer, "sky; person; tree", cache_dir=False).embeddings
-    maps = {n: create_head(n).encode_dense(vit12.tower, IMG[:1], text=TextQuery(text, 40.0)) for n in
+    maps = {n: create_head(n).encode_dense(vit12.tower, IMG[:1], PassInputs(text=TextQuery(text, 40.0))) for n in
             ("sclip", "naclip", "clearclip", "scclip", "resclip")}  # fmt: skip
     for new in ("scclip", "resclip"):
         for old in ("sclip", "naclip", "clearclip"):
@@ -336,16 +337,16 @@ def test_resclip_head_equals_the_steps_written_out(vit12):
 
     text = build_text_classifier(vit12.model, vit12.tokenizer, "sky, wall; person; tree", cache_dir=False).embeddings
     head = create_head("resclip", temp_thd=0.3)
-    dense = head.encode_dense(vit12.tower, IMG, "sclip", text=TextQuery(text, 40.0))
+    dense = head.encode_dense(vit12.tower, IMG, PassInputs("sclip", text=TextQuery(text, 40.0)))
     for i in range(2):
         by_hand = resclip_by_hand(vit12.model.visual, IMG[i : i + 1], text, 40.0, head)
         torch.testing.assert_close(dense[i : i + 1], by_hand, atol=5e-4, rtol=0)
     rect = torch.randn(1, 3, 160, 232)  # a whole-image pass: a non-square grid, a remainder column of pixels
     by_hand = resclip_by_hand(vit12.model.visual, rect, text, 40.0, head)
-    torch.testing.assert_close(head.encode_dense(vit12.tower, rect, "sclip", text=TextQuery(text, 40.0)), by_hand,
-                               atol=5e-4, rtol=0)  # fmt: skip
+    got = head.encode_dense(vit12.tower, rect, PassInputs("sclip", text=TextQuery(text, 40.0)))
+    torch.testing.assert_close(got, by_hand, atol=5e-4, rtol=0)
     with pytest.raises(ValueError, match="give it the text embeddings"):
-        head.encode_dense(vit12.tower, IMG[:1], "sclip")
+        head.encode_dense(vit12.tower, IMG[:1], PassInputs("sclip"))
 
 
 # -- presets, batching, the Segmenter -----------------------------------------------------------------------

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ovdense.cli import main
-from ovdense.heads import create_head
+from ovdense.heads import PassInputs
+from ovdense.methods import create_head
 from ovdense.predictor import Segmenter
 from ovdense.train.config import TrainConfig
 from ovdense.train.state import STATE_FILE, WEIGHTS_FILE, current_state
@@ -93,7 +94,7 @@ def test_student_pass_is_the_declip_head_and_its_q_k(arch):
     x = torch.randn(2, 3, 64, 80)
     out = StudentForward(loaded.model, tower, head, "size")(x)
     with torch.no_grad():
-        dense = head.encode_dense(tower, x, "size", normalize=tower.region_tokens_normalized)
+        dense = head.encode_dense(tower, x, PassInputs("size"), normalize=tower.region_tokens_normalized)
         tokens, _ = tower.tokens_before_last_block(x, "size")
         q, k, _ = tower.qkv(tower.last_norm1(tokens))
     torch.testing.assert_close(out.content.detach(), dense)

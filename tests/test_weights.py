@@ -24,7 +24,8 @@ import hub_server
 from hub_server import HubServer, point_hub_at, skip_backoff
 from ovdense.backbones import tower_for
 from ovdense.errors import OvdenseError
-from ovdense.heads import create_head
+from ovdense.heads import PassInputs
+from ovdense.methods import create_head
 from ovdense.weights import load_model, read_checkpoint
 
 IMAGES = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -38,7 +39,7 @@ hf_hub = hub_server.hf_hub  # the loopback hub fixture
 # --- helpers ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def dense(tower, arch: str, head: str) -> torch.Tensor:
-    return create_head(head).encode_dense(tower, IMAGES, POS_RULE[arch])
+    return create_head(head).encode_dense(tower, IMAGES, PassInputs(POS_RULE[arch]))
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from .errors import OvdenseError
-from .presets import list_methods
+from .methods import list_methods
 
 __version__ = "0.1.0"
 

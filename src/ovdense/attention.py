@@ -201,17 +201,7 @@ def pass_input_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def attention_pass(
-    tower,
-    head,
-    images: torch.Tensor,
-    pos_rule: str,
-    *,
-    text=None,
-    vfm=None,
-    head_vfm=None,
-    masks: torch.Tensor | None = None,
-) -> AttentionPass:
+def attention_pass(tower, head, images: torch.Tensor, inputs, vfm=None) -> AttentionPass:
     """Run CLIP as trained, the dense head, and the VFM once over one image; keep every token's maps.
 
     Args:
@@ -219,34 +209,31 @@ def attention_pass(
         head: the :class:`~ovdense.heads.DenseHead`.
         images: 1 x 3 x H x W CLIP-normalised input, sides multiples of the patch sizes involved
             (:func:`pass_input_size`).
-        pos_rule: position-table rule of the tower.
-        text: a :class:`~ovdense.heads.TextQuery` for heads that need it.
+        inputs: the head's :class:`~ovdense.heads.PassInputs` (its VFM, text and 1 x H x W masks).
         vfm: the VFM whose own attention and affinity are shown (None: none shown).
-        head_vfm: the VFM the head uses (ProxyCLIP, CorrCLIP).
-        masks: 1 x H x W region ids for heads that use masks.
     """
     if images.ndim != 4 or images.shape[0] != 1:
         raise InvalidArgumentError(f"images: expected 1 x 3 x H x W, got {tuple(images.shape)}")
-    x, context = tower.embed(images, pos_rule)
+    x, context = tower.embed(images, inputs.pos_rule)
     clip = {}
     for index in range(tower.num_blocks):
         x, weights = tower.block_with_attention(index, x, context)
         clip[index + 1] = weights[0].float().mean(dim=0)
     embedding = F.normalize(tower.project(x)[0, 0].float(), dim=-1)
-    _, ctx = head.run(tower, images, pos_rule, text=text, vfm=head_vfm, masks=masks, record_attention=True)
-    recorded = ctx.get("head_attention")
+    _, ctx = head.run(tower, images, inputs, record_attention=True)
+    recorded = ctx.head_attention
     result = AttentionPass(
         clip=clip,
         grid=tuple(context["grid"]),
         num_prefix=tower.num_prefix_tokens,
         embedding=embedding,
         head=None if recorded is None else recorded[0],
-        head_grid=tuple(ctx.get("out_grid", ctx["grid"])),
+        head_grid=tuple(ctx.output_grid),
         head_prefix=tower.num_prefix_tokens if head.output_has_prefix else 0,
         input_size=(int(images.shape[-2]), int(images.shape[-1])),
     )
     if vfm is not None:
-        from .heads.proxyclip import vfm_input
+        from .heads.vfm_proxies import vfm_input
 
         pre = tower.preprocess
         view = vfm_input(images.float(), pre.mean, pre.std, vfm.mean, vfm.std)

@@ -95,9 +95,8 @@ class DemoSession:
     """The demo's models and work: segment an image with several methods, and the maps of a clicked point.
 
     Args:
-        loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every method.
+        loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every method; the towers run where it is.
         methods: method names (:func:`ovdense.list_methods`).
-        device: where the towers run.
         precision, window_batch: as :class:`~ovdense.predictor.Segmenter`.
         vfm: an :class:`ovdense.vfm.Vfm`: the VFM of methods that use one (ProxyCLIP, CorrCLIP), and the VFM
             whose attention and affinity are shown beside CLIP's.
@@ -105,13 +104,13 @@ class DemoSession:
         text_cache_dir: as :class:`~ovdense.predictor.Segmenter`.
         out_dir: where the downloadable files go (default: a new temporary folder).
         warning: a line shown at the top of the page (the random test model's).
+        weights: how ``loaded``'s weights were chosen (:class:`ovdense.weights.WeightsChoice`), for the settings.
     """
 
     def __init__(
         self,
         loaded,
         methods: Sequence[str],
-        device,
         precision: str = "auto",
         window_batch: int = 16,
         vfm=None,
@@ -119,10 +118,10 @@ class DemoSession:
         text_cache_dir=None,
         out_dir: str | Path | None = None,
         warning: str | None = None,
+        weights=None,
     ):
-        from .heads import create_head
+        from .methods import get_method
         from .predictor import Segmenter
-        from .presets import get_preset
 
         if not methods:
             raise InvalidArgumentError("methods: give at least one method")
@@ -132,17 +131,17 @@ class DemoSession:
         self.segmenters: dict[str, Segmenter] = {}
         for method in dict.fromkeys(methods):
             try:
-                preset = get_preset(method)
+                spec = get_method(method)
             except ValueError as err:
                 raise InvalidArgumentError(str(err)) from None
-            head = create_head(preset.head, **preset.head_kwargs)
-            if head.uses_vfm and vfm is None:
+            if spec.uses_vfm and vfm is None:
                 raise InvalidArgumentError(f"{method} needs a VFM: start the demo with --vfm (e.g. dino-b8)")
-            if head.uses_masks and mask_generator is None:
+            if spec.uses_masks and mask_generator is None:
                 raise InvalidArgumentError(f"{method} needs class-agnostic masks: start the demo with --mask-generator")
-            self.segmenters[method] = Segmenter(
-                loaded, preset, device, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
-                vfm=vfm if head.uses_vfm else None, mask_generator=mask_generator if head.uses_masks else None,
+            self.segmenters[method] = Segmenter.from_model(
+                loaded, method, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
+                vfm=vfm if spec.uses_vfm else None, mask_generator=mask_generator if spec.uses_masks else None,
+                weights=weights,
             )  # fmt: skip
         self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ovdense-demo-"))
         self._keys: dict[str, str] = {}

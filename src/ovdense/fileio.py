@@ -1,5 +1,5 @@
-"""Files written whole or not at all (a temp file beside the target, then ``os.replace``), and output folders
-checked before work starts."""
+"""Files written whole or not at all (a temp file beside the target, then ``os.replace``), output folders
+checked before work starts, and output file names that never collide."""
 
 from __future__ import annotations
 
@@ -145,3 +145,51 @@ def write_atomic_durable(path, write) -> None:
     """:func:`write_atomic`, then :func:`fsync_dir` of the parent, so the new file survives a power cut too."""
     write_atomic(path, write)
     fsync_dir(Path(path).parent)
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names, one per input, that never collide (compared without case, as some file systems do).
+
+    A file's stem where it is unique; else, for files in different folders, the stem prefixed by as many
+    parent folders as it takes (``d1/x.jpg``, ``d2/x.jpg`` -> ``d1_x``, ``d2_x``); for files in one folder, the
+    extension (``x.jpg``, ``x.png`` -> ``x_jpg``, ``x_png``); for the same file twice, a counter.
+    """
+    full = [Path(os.path.abspath(p)) for p in paths]
+    depth = [0] * len(full)
+    with_suffix = [False] * len(full)
+
+    def name(i: int) -> str:
+        folders = full[i].parent.parts[1:]  # without the root
+        prefix = list(folders[len(folders) - depth[i] :]) if depth[i] else []
+        return "_".join([*prefix, full[i].name.replace(".", "_") if with_suffix[i] else full[i].stem])
+
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i in range(len(full)):
+            groups.setdefault(name(i).casefold(), []).append(i)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return [name(i) for i in range(len(full))]
+        grown = False
+        for group in clashes:
+            can_grow = [i for i in group if depth[i] < len(full[i].parent.parts) - 1]
+            if len({full[i].parent for i in group}) > 1 and can_grow:
+                for i in can_grow:
+                    depth[i] += 1
+                grown = True
+            elif not all(with_suffix[i] for i in group):
+                for i in group:
+                    with_suffix[i] = True
+                grown = True
+        if not grown:
+            break
+    names: list[str] = []
+    seen: set[str] = set()
+    for i in range(len(full)):
+        candidate, n = name(i), 1
+        while candidate.casefold() in seen:
+            n += 1
+            candidate = f"{name(i)}_{n}"
+        seen.add(candidate.casefold())
+        names.append(candidate)
+    return names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +14,18 @@ from PIL import Image
 from . import regions
 from .classes import display_names, normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
-from .heads import DenseHead, TextQuery, create_head
-from .heads.corrclip import MERGED_OFFSET
-from .heads.corrclip import nearest as nearest_ids
+from .heads import DenseHead, PassInputs, TextQuery
+from .heads.vfm_proxies import MERGED_REGION_ID, resize_region_ids
 from .images import as_rgb8_array, decode_image
 from .inference import WindowFeatures, assemble_cosine_maps, cosine_to_labels, encode_windows, mmseg_resize
 from .masks import as_region_map, read_region_map, region_map_for, vote
+from .methods import check_method_inputs, create_head, get_method
 from .pamr import pamr
 from .precision import autocast, check_precision
 from .presets import Preset, get_preset
 from .regions import RegionResult
 from .text import DETECTION_TEMPLATES, OPENAI_TEMPLATES, TextClassifier, classifier_of
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, WeightsChoice, load_model, resolve_weights
 
 
 def load_image(image) -> np.ndarray:
@@ -50,6 +51,22 @@ def _as_key(classes) -> tuple | None:
         return ("list", tuple(c if isinstance(c, str) else tuple(c) for c in classes))
     except TypeError:
         return None
+
+
+def resolve_preset(method: str, dataset: str | None = None, **options) -> Preset:
+    """:func:`ovdense.presets.get_preset`, its errors as :class:`InvalidArgumentError` (the Python API's)."""
+    try:
+        return get_preset(method, dataset, **options)
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from None
+
+
+def build_head(preset: Preset) -> DenseHead:
+    """The preset's head with its options; a value the head refuses is an :class:`InvalidArgumentError`."""
+    try:
+        return create_head(preset.method, **preset.head_kwargs)
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from None
 
 
 def pixel_stats(values) -> list[float]:
@@ -129,8 +146,10 @@ class Segmenter:
         vfm=None,
         masks_dir: str | Path | None = None,
         mask_generator=None,
+        weights: WeightsChoice | None = None,
     ):
-        """
+        """Low-level: :meth:`from_pretrained` and :meth:`from_model` resolve these from names and check them.
+
         Args:
             loaded: the CLIP (:func:`ovdense.weights.load_model`).
             preset: the method's settings (:func:`ovdense.presets.get_preset`).
@@ -142,25 +161,23 @@ class Segmenter:
                 ``<image stem>.npz`` files read by :meth:`set_image` for images given as paths.
             mask_generator: for the same methods: a callable ``image (H x W x 3 uint8) -> H x W region ids``
                 (e.g. :class:`ovdense.mask_generators.SamMaskGenerator`), used when no masks are given.
+            weights: how the CLIP's weights were chosen (recorded in :attr:`settings`).
         """
         check_precision(precision, device)
         if window_batch < 1:
             raise OvdenseError("window_batch must be >= 1")
-        head_cls = create_head(preset.head, **preset.head_kwargs)
-        try:
-            head_cls.taps(loaded.tower)  # a head that reads given blocks says here if the tower lacks them
-        except ValueError as err:
-            raise InvalidArgumentError(f"{preset.method}: {err}") from None
-        if head_cls.uses_vfm and vfm is None:
+        method = preset.method
+        spec = get_method(method)
+        if spec.uses_vfm and vfm is None:
             raise InvalidArgumentError(
-                f"vfm: the {preset.method} head needs a vision foundation model (e.g. load_vfm({preset.vfm!r}))"
+                f"vfm: the {method} head needs a vision foundation model (e.g. load_vfm({preset.vfm!r}))"
             )
-        if vfm is not None and not head_cls.uses_vfm:
-            raise InvalidArgumentError(f"vfm: the {preset.method} head uses no vision foundation model")
-        if (masks_dir is not None or mask_generator is not None) and not head_cls.uses_masks:
-            raise InvalidArgumentError(f"masks_dir, mask_generator: the {preset.method} head uses no region masks")
-        if masks_dir is not None and not Path(masks_dir).is_dir():
-            raise OvdenseError(f"masks folder not found: {masks_dir}")
+        check_method_inputs(method, vfm=vfm, masks_dir=masks_dir, mask_generator=mask_generator)
+        head = build_head(preset)
+        try:
+            head.taps(loaded.tower)  # a head that reads given blocks says here if the tower lacks them
+        except ValueError as err:
+            raise InvalidArgumentError(f"{method}: {err}") from None
         self.vfm = vfm
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.mask_generator = mask_generator
@@ -171,7 +188,8 @@ class Segmenter:
         self.window_batch = window_batch
         self.text_cache_dir = text_cache_dir
         self.templates = templates
-        self.head: DenseHead = head_cls
+        self.head: DenseHead = head
+        self.weights = weights or WeightsChoice(loaded.model_name, None, None)
         tower = loaded.tower
         self._mean, self._std = (
             torch.tensor(pixel_stats(v), device=device).view(1, 3, 1, 1)
@@ -190,7 +208,7 @@ class Segmenter:
     @classmethod
     def from_pretrained(
         cls,
-        model_name: str,
+        model_name: str | None = None,
         pretrained: str | None = None,
         checkpoint: str | Path | None = None,
         method: str = "sclip",
@@ -199,17 +217,23 @@ class Segmenter:
         precision: str = "auto",
         window_batch: int = 16,
         text_cache_dir=None,
-        vfm: str | None = None,
+        vfm=None,
         vfm_checkpoint: str | Path | None = None,
         masks_dir: str | Path | None = None,
         mask_generator=None,
+        mask_model: str | None = None,
         **options,
     ) -> Segmenter:
         """Load weights and a method preset.
 
+        Every argument is checked before the weights load.
+
         Args:
-            model_name: open_clip architecture, ``hf-hub:org/repo`` or a test arch.
-            pretrained: open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...).
+            model_name: open_clip architecture, ``hf-hub:org/repo`` or a test arch; default the method's own
+                (CorrCLIP: MetaCLIP ``ViT-B-16-quickgelu``), else ``ViT-B-16``. :attr:`settings` and a log line
+                (logger ``ovdense.predictor``) say what was chosen.
+            pretrained: open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...); default, without a
+                ``checkpoint``: the method's tag, else ``openai`` where the architecture has it, else its first.
             checkpoint: a local weights file (see :func:`ovdense.weights.load_model`).
             method: one of :func:`ovdense.list_methods` (``sclip``, ``naclip``, ``declip``...).
             dataset: use the method's settings for this benchmark (e.g. ``voc21``).
@@ -218,45 +242,117 @@ class Segmenter:
                 ``bf16``.
             window_batch: sliding windows per forward pass (bounds memory).
             text_cache_dir: where text embeddings are cached (``False`` disables).
-            vfm: the vision foundation model of a method that uses one (default: the method's, ``dino-b8`` for
-                ProxyCLIP and CorrCLIP); see :func:`ovdense.vfm.load_vfm`.
+            vfm: the vision foundation model of a method that uses one: a name (default the method's, ``dino-b8``
+                for ProxyCLIP and CorrCLIP; see :func:`ovdense.vfm.load_vfm`) or a loaded :class:`ovdense.vfm.Vfm`.
             vfm_checkpoint: a local weights file for it.
-            masks_dir, mask_generator: region masks of CorrCLIP (see :class:`Segmenter`).
+            masks_dir, mask_generator: region masks of CorrCLIP: a folder of ``<image stem>.npz`` files, or a
+                generator: a name (``sam``, ``sam2``: transformers' automatic masks, extra ``[masks]``) or a
+                callable (see :class:`Segmenter`).
+            mask_model: the hub id or folder of a named ``mask_generator`` (default its own).
             options: the method's options (``mode="qq"`` for ``declip``) and any
                 :class:`ovdense.presets.Preset` setting (``crop=448``, ``prob_thd=0.3``...).
 
         Raises:
-            OvdenseError: unknown method, dataset, setting or option (checked before the weights load), or
-                weights that cannot be loaded.
+            OvdenseError: unknown method, dataset, setting or option, inputs the method does not use or lacks
+                (checked before the weights load), or weights that cannot be loaded.
         """
-        try:
-            preset = get_preset(method, dataset, **options)
-        except ValueError as err:
-            raise InvalidArgumentError(str(err)) from None
-        uses_vfm = create_head(preset.head, **preset.head_kwargs).uses_vfm
-        if (vfm is not None or vfm_checkpoint is not None) and not uses_vfm:
-            raise InvalidArgumentError(f"vfm: the {method} head uses no vision foundation model")
-        loaded = load_model(model_name, pretrained=pretrained, checkpoint=checkpoint, device=device)
+        preset = resolve_preset(method, dataset, **options)
+        check_method_inputs(
+            method, vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
+            mask_model=mask_model,
+        )  # fmt: skip
+        build_head(preset)  # the head checks its options' values before the weights load
+        weights = resolve_weights(model_name, pretrained, checkpoint, preset.model, preset.pretrained)
+        if weights.chosen:
+            logging.getLogger(__name__).info("%s: chose the %s", method, weights.chosen)
+        loaded = load_model(weights.model, pretrained=weights.pretrained, checkpoint=weights.checkpoint, device=device)
+        return cls.from_model(
+            loaded, method, dataset, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
+            vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
+            mask_model=mask_model, weights=weights, **options,
+        )  # fmt: skip
+
+    @classmethod
+    def from_model(
+        cls,
+        loaded: LoadedModel,
+        method: str = "sclip",
+        dataset: str | None = None,
+        *,
+        precision: str = "auto",
+        window_batch: int = 16,
+        text_cache_dir=None,
+        vfm=None,
+        vfm_checkpoint: str | Path | None = None,
+        masks_dir: str | Path | None = None,
+        mask_generator=None,
+        mask_model: str | None = None,
+        templates=OPENAI_TEMPLATES,
+        weights: WeightsChoice | None = None,
+        **options,
+    ) -> Segmenter:
+        """A segmenter on a CLIP already loaded (one CLIP for several methods, as the demo and the trainer's
+        validation use it); it runs where the CLIP is.
+
+        Args:
+            loaded: from :func:`ovdense.weights.load_model`.
+            templates: prompt templates of :meth:`predict` (default the 80 OpenAI ImageNet templates).
+            weights: how ``loaded``'s weights were chosen (recorded in :attr:`settings`).
+            The others: as :meth:`from_pretrained`; a named VFM or mask generator is loaded on ``loaded``'s device.
+
+        Raises:
+            OvdenseError: as :meth:`from_pretrained`.
+        """
+        preset = resolve_preset(method, dataset, **options)
+        check_method_inputs(
+            method, vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
+            mask_model=mask_model,
+        )  # fmt: skip
         device = next(loaded.model.parameters()).device
-        vfm_model = None
-        if uses_vfm:
+        if get_method(method).uses_vfm and (vfm is None or isinstance(vfm, (str, Path))):
             from .vfm import load_vfm
 
-            vfm_model = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+            vfm = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+        if isinstance(mask_generator, str):
+            from .mask_generators import mask_generator as named_generator
+
+            kwargs = {"model": mask_model} if mask_model else {}
+            mask_generator = named_generator(mask_generator, device=device, **kwargs)
         return cls(
-            loaded, preset, device, precision, window_batch, text_cache_dir,
-            vfm=vfm_model, masks_dir=masks_dir, mask_generator=mask_generator,
+            loaded, preset, device, precision, window_batch, text_cache_dir, templates, vfm=vfm,
+            masks_dir=masks_dir, mask_generator=mask_generator, weights=weights,
         )  # fmt: skip
+
+    @property
+    def settings(self) -> dict:
+        """Everything that decides this segmenter's output, resolved (JSON-serialisable): the weights (and what
+        was chosen for the caller), the VFM, the masks source, precision, window batch and the preset."""
+        generator = self.mask_generator
+        return {
+            "method": self.preset.method,
+            "model": self.loaded.model_name,
+            "pretrained": self.weights.pretrained,
+            "checkpoint": self.weights.checkpoint,
+            "weights": self.loaded.source,
+            "activation": self.loaded.activation,
+            "chosen": self.weights.chosen,
+            "vfm": None if self.vfm is None else self.vfm.name,
+            "masks_dir": None if self.masks_dir is None else str(self.masks_dir),
+            "mask_generator": None if generator is None else getattr(generator, "name", type(generator).__name__),
+            "device": str(self.device),
+            "precision": self.precision,
+            "window_batch": self.window_batch,
+            "preset": self.preset.to_dict(),
+        }
 
     # -- image side -------------------------------------------------------------------------------
     def _autocast(self):
         return autocast(self.precision, self.device)
 
     def _encode(self, images: torch.Tensor, text: TextQuery | None = None, masks=None) -> torch.Tensor:
+        inputs = PassInputs(self.preset.pos_rule, text=text, vfm=self.vfm, masks=masks)
         with self._autocast():
-            return self.head.encode_dense(
-                self.loaded.tower, images, self.preset.pos_rule, text=text, vfm=self.vfm, masks=masks
-            )
+            return self.head.encode_dense(self.loaded.tower, images, inputs)
 
     @torch.no_grad()
     def set_image(self, image, masks=None) -> None:
@@ -321,11 +417,11 @@ class Segmenter:
                 # The region ids follow the image: nearest to the network input, cropped and padded (CorrCLIP
                 # pads them with its merged-region offset, 10000) like each window.
                 ids = torch.from_numpy(self._regions).to(self.device)[None]
-                extra = nearest_ids(ids, tuple(self._input.shape[-2:]))[:, None].float()
+                extra = resize_region_ids(ids, tuple(self._input.shape[-2:]))[:, None].float()
             self._features[key] = encode_windows(
                 self._input,
                 lambda x, ids=None: self._encode(x, query, None if ids is None else ids[:, 0].long()),
-                p.crop, p.stride, self.window_batch, pad, extra=extra, extra_pad=float(MERGED_OFFSET),
+                p.crop, p.stride, self.window_batch, pad, extra=extra, extra_pad=float(MERGED_REGION_ID),
             )  # fmt: skip
         return self._features[key]
 
@@ -491,11 +587,10 @@ class Segmenter:
             x = torch.nn.functional.interpolate(self._input, size=size, mode="bilinear", align_corners=False)
             masks = None
             if self._regions is not None:
-                masks = nearest_ids(torch.from_numpy(self._regions).to(self.device)[None], size)
+                masks = resize_region_ids(torch.from_numpy(self._regions).to(self.device)[None], size)
             with self._autocast():
-                self._attention[key] = attention_pass(
-                    tower, self.head, x, p.pos_rule, text=query, vfm=vfm, head_vfm=self.vfm, masks=masks
-                )
+                inputs = PassInputs(p.pos_rule, text=query, vfm=self.vfm, masks=masks)
+                self._attention[key] = attention_pass(tower, self.head, x, inputs, vfm=vfm)
         dense = self.dense_features(classes)
         return maps_at(
             self._attention[key], pts, self._image.shape[:2], dense, layers, self.preset.method,
@@ -521,10 +616,10 @@ class Segmenter:
             # Region classification follows open_clip's transforms: the exact statistics on [0, 1] pixels.
             tower = self.loaded.tower
             x, scale = regions.detection_input(self._image, size, tower.preprocess.mean, tower.preprocess.std)
+            inputs = PassInputs(self.preset.pos_rule, vfm=self.vfm)
             with self._autocast():
-                dense = self.head.encode_dense(
-                    tower, x.to(self.device), self.preset.pos_rule, tower.region_tokens_normalized, vfm=self.vfm
-                )
+                normalize = tower.region_tokens_normalized
+                dense = self.head.encode_dense(tower, x.to(self.device), inputs, normalize=normalize)
             self._region_maps[size] = (dense.float(), scale)
         return self._region_maps[size]
 

@@ -339,6 +339,59 @@ def _check_hub_repo_available(model_name: str) -> None:
         )
 
 
+#: The CLIP a method gets when neither it nor the caller names one: OpenAI's ViT-B/16, as every reference.
+DEFAULT_MODEL = "ViT-B-16"
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The weights a caller's arguments resolve to (:func:`resolve_weights`).
+
+    Attributes:
+        model: the open_clip architecture, ``hf-hub:`` name or test arch.
+        pretrained: the open_clip tag, or None (a file, a hub repo or a test arch carries the weights).
+        checkpoint: a local weights file, or None.
+        chosen: what was chosen for the caller, in words (None: everything was given).
+    """
+
+    model: str
+    pretrained: str | None
+    checkpoint: str | None
+    chosen: str | None = None
+
+
+def resolve_weights(
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    default_model: str | None = None,
+    default_pretrained: str | None = None,
+) -> WeightsChoice:
+    """Fill in what the caller left out: the default architecture (``default_model``, e.g. a method's own, else
+    :data:`DEFAULT_MODEL`) with its tag, and, for an architecture given without weights, its ``openai`` tag
+    where it has one, else its first tag.
+
+    Raises:
+        OvdenseError: an unknown architecture (the message lists where to look).
+    """
+    chosen = []
+    if model is None:
+        model = default_model or DEFAULT_MODEL
+        if default_pretrained and pretrained is None and checkpoint is None:
+            pretrained = default_pretrained
+        chosen.append(f"model {model}" + (f" ({pretrained})" if pretrained else ""))
+    if pretrained is None and checkpoint is None and not model.startswith("hf-hub:") and not is_test_model(model):
+        if model not in open_clip.list_models():
+            raise OvdenseError(f"unknown model {model!r}; run `ovdense list-models` to see the choices")
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if tags:
+            pretrained = "openai" if "openai" in tags else tags[0]
+            chosen.append(f"pretrained tag {pretrained} of {model}")
+    return WeightsChoice(
+        model, pretrained, None if checkpoint is None else str(checkpoint), "; ".join(chosen) or None
+    )
+
+
 def load_model(
     model_name: str,
     pretrained: str | None = None,

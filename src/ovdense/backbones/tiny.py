@@ -3,49 +3,23 @@
 ``ovdense-test-vit`` is an OpenAI-style ViT (QuickGELU, patch 16, 224 px, so the native 14 x 14 grid
 and every preset behave as with ViT-B/16), ``ovdense-test-vit12`` the same with ViT-B's 12 blocks (for the heads
 that read blocks by number: SC-CLIP, ResCLIP) and ``ovdense-test-eva02`` an EVA02 tower (timm ``Eva`` with
-sub-LN, SwiGLU, RoPE, unfused q/k/v) with open_clip's text tower. Both are a few MB and random:
-for tests and smoke runs only, never a stand-in for real weights.
+sub-LN, SwiGLU, RoPE, unfused q/k/v) with open_clip's text tower. All are a few MB and random:
+for tests and smoke runs only, never a stand-in for real weights. Their open_clip configs are the JSON files of
+``test_model_configs/``.
 """
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import open_clip
-from open_clip import factory as _oc_factory
 from timm.models import register_model
 from timm.models.eva import Eva
 
 TEST_MODELS = ("ovdense-test-vit", "ovdense-test-vit12", "ovdense-test-eva02")
 
-_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
-
-_CONFIGS = {
-    "ovdense-test-vit": {
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 16, "patch_size": 16},
-        "text_cfg": _TEXT_CFG,
-    },
-    "ovdense-test-vit12": {
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 16, "patch_size": 16},
-        "text_cfg": _TEXT_CFG,
-    },
-    "ovdense-test-eva02": {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "image_size": 224,
-            "timm_model_name": "ovdense_test_eva02_clip_224",
-            "timm_model_pretrained": False,
-            "timm_pool": "token",
-            "timm_proj": None,
-        },
-        "text_cfg": _TEXT_CFG,
-        "custom_text": True,
-    },
-}
+#: The open_clip configs of the test archs, one ``<name>.json`` each (shipped as package data).
+CONFIG_DIR = Path(__file__).parent / "test_model_configs"
 
 
 @register_model
@@ -75,10 +49,10 @@ def ovdense_test_eva02_clip_224(pretrained: bool = False, **kwargs) -> Eva:
 
 
 def register_test_models() -> None:
-    """Make the tiny architectures known to open_clip (idempotent)."""
-    for name, cfg in _CONFIGS.items():
-        if name not in _oc_factory._MODEL_CONFIGS:
-            _oc_factory._MODEL_CONFIGS[name] = copy.deepcopy(cfg)
+    """Make the tiny architectures known to open_clip (idempotent): :data:`CONFIG_DIR` through
+    ``open_clip.add_model_config``, once."""
+    if not all(name in open_clip.list_models() for name in TEST_MODELS):
+        open_clip.add_model_config(CONFIG_DIR)
 
 
 def is_test_model(name: str) -> bool:
@@ -86,4 +60,3 @@ def is_test_model(name: str) -> bool:
 
 
 register_test_models()
-assert all(name in open_clip.list_models() for name in TEST_MODELS)

@@ -1,1 +1,2 @@
-"""Benchmark evaluation: dataset readers, class-name files, label converters, metrics and the runner."""
+"""Benchmark evaluation: benchmark specs, dataset and label readers, class-name files, label converters, metrics and
+the runner."""

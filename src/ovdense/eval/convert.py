@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OvdenseError
+from .labels import read_label_png
 
 __all__ = [
     "CITYSCAPES_LABELS",
@@ -41,7 +42,6 @@ __all__ = [
     "convert_pascal_context",
     "decode_rle",
     "pascal_context_lut",
-    "register_cli",
 ]
 
 # --- tables (data) -----------------------------------------------------------------------------------
@@ -179,23 +179,6 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
     write_atomic(path, lambda f: img.save(f, format="PNG"))
-
-
-def _read_index_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im)
-    except (OSError, ValueError) as err:
-        raise OvdenseError(f"cannot read {path}: {err}") from None
-    if arr.ndim != 2:
-        raise OvdenseError(f"{path} has shape {arr.shape}: expected a one-channel map of class ids")
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise OvdenseError(f"{path} holds values outside 0..255")
-        arr = arr.astype(np.uint8)
-    return arr
 
 
 def _run_jobs(
@@ -351,7 +334,7 @@ def _convert_coco_splits(
         if not jobs:
             continue
         _run_jobs(
-            jobs, lambda p, lut=lut: lut[_read_index_png(p)], overwrite, f"{title} {split}", progress, workers, result
+            jobs, lambda p, lut=lut: lut[read_label_png(p)], overwrite, f"{title} {split}", progress, workers, result
         )
         result.out_dirs.append(ann_dir)
     if not result.out_dirs:
@@ -396,7 +379,7 @@ def convert_cityscapes(
         jobs = [(p, p.with_name(p.name[: -len(suffix)] + "_gtFine_labelTrainIds.png")) for p in files]
         _run_jobs(
             jobs,
-            lambda p: lut[_read_index_png(p)],
+            lambda p: lut[read_label_png(p)],
             overwrite,
             f"Cityscapes {split}",
             progress,
@@ -596,47 +579,3 @@ def convert_pascal_context(
         text = "".join(f"{i}\n" for i in sorted(ids)).encode()
         write_atomic(list_dir / f"{split}.txt", lambda f, text=text: f.write(text))
     return result
-
-
-# --- command line ----------------------------------------------------------------------------------------
-
-
-def _cmd_convert(args) -> int:
-    import sys
-
-    kw = {"overwrite": args.overwrite, "workers": args.workers}
-    if args.convert_dataset == "pascal-context":
-        result = convert_pascal_context(args.data_root, source=args.source, **kw)
-    else:
-        fn = {
-            "coco-stuff": convert_coco_stuff,
-            "coco-object": convert_coco_object,
-            "cityscapes": convert_cityscapes,
-        }
-        result = fn[args.convert_dataset](args.data_root, **kw)
-    print(f"{args.convert_dataset}: {result}", file=sys.stderr)
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``ovdense convert {coco-stuff,coco-object,cityscapes,pascal-context}`` to the CLI's subparsers."""
-    conv = subparsers.add_parser("convert", help="build the benchmark label PNGs the eval readers expect")
-    sub = conv.add_subparsers(dest="convert_dataset", required=True, metavar="DATASET")
-    helps = {
-        "coco-stuff": "COCO-Stuff164k stuffthingmaps -> *_labelTrainIds.png (171 classes, as mmseg)",
-        "coco-object": "COCO-Stuff164k stuffthingmaps -> *_instanceTrainIds.png (bg + 80 things, as SCLIP)",
-        "cityscapes": "gtFine *_labelIds.png -> *_gtFine_labelTrainIds.png (19 classes)",
-        "pascal-context": "trainval_merged.json (or trainval/*.mat) -> VOC2010/SegmentationClassContext + splits",
-    }
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument(
-            "--data-root",
-            default="data",
-            help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/ (or that folder)",
-        )
-        p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
-        p.add_argument("--workers", type=int, default=None, help="threads (default: up to 8)")
-        if name == "pascal-context":
-            p.add_argument("--source", default=None, help="trainval_merged.json or a folder of trainval/*.mat")
-        p.set_defaults(func=_cmd_convert)

@@ -11,19 +11,16 @@ Everything here follows mmseg 1.x, which SCLIP, NACLIP, ClearCLIP and DeCLIP eva
   (ADE20K, Context59, VOC20 only): ``0 -> 255, c -> c - 1, 255 -> 255``. 255 is ignored by the metric.
   Ground truth is never resized.
 
-``data_root`` is the folder holding ``VOCdevkit/``, ``coco_stuff164k/``, ``cityscapes/`` and ``ade/`` (the
-``--data-root`` of ``ovdense eval``). It may also point straight at one benchmark's folder: the folder
-containing ``VOC2012/`` (or ``VOC2010/``), or the ``VOC2012``, ``coco_stuff164k``, ``cityscapes`` or
-``ADEChallengeData2016`` folder itself (what mmseg configs call ``data_root``). See :attr:`DatasetSpec.roots`.
+The benchmarks themselves (classes, label rule, folder layouts, ``data_root``) are data in
+:mod:`ovdense.eval.specs`.
 
 Class names: ``classes/<dataset>.txt`` holds the names SCLIP and NACLIP use (identical files; background
 words as class 0 of VOC21 and COCO-Object, synonyms for person / tv monitor); ``<dataset>.<style>.txt``
-holds another method's names where they differ (see :data:`CLASS_STYLES`).
+holds another method's names where they differ (see :data:`~ovdense.eval.specs.CLASS_STYLES`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +28,10 @@ import torch
 
 from ..errors import OvdenseError
 from ..images import decode_image
+from .labels import read_label_png
+from .specs import CLASS_STYLES, DATASETS, DatasetSpec
 
 __all__ = [
-    "CLASS_STYLES",
-    "DATASETS",
-    "DatasetSpec",
     "SegDataset",
     "get_dataset",
     "read_class_names",
@@ -45,119 +41,6 @@ __all__ = [
 
 IGNORE_INDEX = 255
 CLASSES_DIR = Path(__file__).parent / "classes"
-
-#: Class-name styles and where each comes from. ``sclip``: SCLIP ``configs/cls_*.txt`` (NACLIP's are
-#: byte-identical). ``clearclip``: ClearCLIP ``configs/cls_*.txt`` (``background`` as class 0, no synonyms).
-#: ``declip``: the files DeCLIP's ``declip_segmentor.py`` reads are not published; ProxyCLIP's
-#: ``configs/cls_*.txt`` (same ``'; '`` separator and segmentor lineage) stand in for them. ``proxyclip``:
-#: ProxyCLIP's ``configs/cls_*.txt`` (SCLIP's names without its synonyms). ``corrclip``: CorrCLIP v1's
-#: (``people`` for ``person``, no ``bed`` among COCO-Object's background words). The ``'; '`` of those files is
-#: written ``', '`` here, as every ovdense class file (no name holds a comma). SC-CLIP and ResCLIP ship SCLIP's.
-CLASS_STYLES = ("sclip", "clearclip", "declip", "proxyclip", "corrclip")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One benchmark: its classes, label rule and folder layout (as the mmseg dataset classes define them).
-
-    Attributes:
-        name: the ``ovdense eval --dataset`` name, also the class-file stem.
-        title: the benchmark's display name (see :data:`PAPER_COLUMNS` for the papers' short column titles).
-        num_classes: classes scored by mIoU (after ``reduce_zero_label``).
-        reduce_zero_label: labels become ``0 -> 255, c -> c - 1`` (255 stays 255).
-        roots: candidate benchmark folders relative to ``data_root``, tried in order; the first is the
-            canonical layout, ``"."`` means ``data_root`` itself.
-        img_dir, ann_dir: image and label folders inside the benchmark folder.
-        img_suffix, seg_map_suffix: a sample ``x`` is ``img_dir/x<img_suffix>`` + ``ann_dir/x<seg_map_suffix>``.
-        split_file: file listing the sample ids, one per line (``None``: scan ``img_dir``).
-        label_mode: how the released label PNGs are stored (``"P"`` palette or ``"L"`` grey); informative.
-        prepare_hint: one line on how to get or prepare the data.
-    """
-
-    name: str
-    title: str
-    num_classes: int
-    reduce_zero_label: bool
-    roots: tuple[str, ...]
-    img_dir: str
-    ann_dir: str
-    img_suffix: str
-    seg_map_suffix: str
-    split_file: str | None
-    label_mode: str
-    prepare_hint: str
-
-
-_VOC_HINT = (
-    "get PASCAL VOC 2012 (VOCtrainval_11-May-2012.tar) and extract it into DATA_ROOT, "
-    "giving DATA_ROOT/VOCdevkit/VOC2012"
-)
-_CONTEXT_HINT = (
-    "extract PASCAL VOC 2010 (VOCtrainval_03-May-2010.tar) into DATA_ROOT, then build the labels with "
-    "`ovdense convert pascal-context --data-root DATA_ROOT --source trainval_merged.json`"
-)
-_COCO_HINT = (
-    "put COCO val2017 images in DATA_ROOT/coco_stuff164k/images/val2017 and stuffthingmaps_trainval2017 "
-    "in DATA_ROOT/coco_stuff164k/annotations/val2017, then run `ovdense convert {cmd} --data-root DATA_ROOT`"
-)
-
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "voc21", "VOC21", 21, False, ("VOCdevkit/VOC2012", "VOC2012", "."),
-            "JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt", "P", _VOC_HINT,
-        ),
-        DatasetSpec(
-            "context60", "Context60", 60, False, ("VOCdevkit/VOC2010", "VOC2010", "."),
-            "JPEGImages", "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
-            "L", _CONTEXT_HINT,
-        ),
-        DatasetSpec(
-            "coco_object", "COCO-Object", 81, False, ("coco_stuff164k", "."),
-            "images/val2017", "annotations/val2017", ".jpg", "_instanceTrainIds.png", None, "L",
-            _COCO_HINT.format(cmd="coco-object"),
-        ),
-        DatasetSpec(
-            "voc20", "VOC20", 20, True, ("VOCdevkit/VOC2012", "VOC2012", "."),
-            "JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt", "P", _VOC_HINT,
-        ),
-        DatasetSpec(
-            "context59", "Context59", 59, True, ("VOCdevkit/VOC2010", "VOC2010", "."),
-            "JPEGImages", "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
-            "L", _CONTEXT_HINT,
-        ),
-        DatasetSpec(
-            "coco_stuff", "COCO-Stuff", 171, False, ("coco_stuff164k", "."),
-            "images/val2017", "annotations/val2017", ".jpg", "_labelTrainIds.png", None, "L",
-            _COCO_HINT.format(cmd="coco-stuff"),
-        ),
-        DatasetSpec(
-            "cityscapes", "Cityscapes", 19, False, ("cityscapes", "."),
-            "leftImg8bit/val", "gtFine/val", "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, "L",
-            "extract leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into DATA_ROOT/cityscapes, "
-            "then run `ovdense convert cityscapes --data-root DATA_ROOT`",
-        ),
-        DatasetSpec(
-            "ade20k", "ADE20K", 150, True, ("ade/ADEChallengeData2016", "ADEChallengeData2016", "."),
-            "images/validation", "annotations/validation", ".jpg", ".png", None, "L",
-            "extract ADEChallengeData2016.zip into DATA_ROOT/ade, giving DATA_ROOT/ade/ADEChallengeData2016",
-        ),
-    )
-}  # fmt: skip
-
-
-#: Column titles of the papers' result tables (SCLIP Table 1 and its successors), in DATASETS order.
-PAPER_COLUMNS = {
-    "voc21": "VOC21",
-    "context60": "C60",
-    "coco_object": "Obj",
-    "voc20": "VOC20",
-    "context59": "C59",
-    "coco_stuff": "Stuff",
-    "cityscapes": "City",
-    "ade20k": "ADE",
-}
 
 
 def _unknown(name: str) -> OvdenseError:
@@ -176,25 +59,7 @@ def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
     Raises:
         OvdenseError: the file cannot be read, has colour channels, or holds values outside 0..255.
     """
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im)
-    except (OSError, ValueError) as err:
-        raise OvdenseError(f"cannot read label {path}: {err}") from None
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim != 2:
-        raise OvdenseError(
-            f"label {path} has shape {arr.shape}: expected one channel of class indices (palette or grey PNG), "
-            "not a colour-coded image"
-        )
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise OvdenseError(f"label {path} holds values outside 0..255 ({arr.min()}..{arr.max()})")
-        arr = arr.astype(np.uint8)
+    arr = read_label_png(path)
     if reduce_zero_label:
         arr = arr.copy()
         arr[arr == 0] = 255

@@ -16,20 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ``torch.distributed`` group (torchrun), on the CPU; ``t`` itself when there is none.
-
-    NCCL reduces CUDA tensors only (on this process's current device), gloo CPU ones.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    moved = t.to(device)
-    dist.all_reduce(moved)
-    return moved.cpu()
+from ..distributed import sum_over_processes
 
 
 @dataclass

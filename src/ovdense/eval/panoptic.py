@@ -32,6 +32,7 @@ import torch
 
 from ..errors import OvdenseError
 from ..images import decode_image
+from .labels import read_label_png
 
 __all__ = ["CocoPanoptic", "PanopticSegment", "read_panoptic_ids"]
 
@@ -71,20 +72,7 @@ def read_panoptic_ids(path: str | Path) -> np.ndarray:
     Raises:
         OvdenseError: the file cannot be read or is not an RGB(A) PNG.
     """
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except (OSError, ValueError) as err:
-        raise OvdenseError(f"cannot read panoptic PNG {path}: {err}") from None
-    if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
-        raise OvdenseError(
-            f"panoptic PNG {path} has shape {arr.shape} and type {arr.dtype}: expected an 8-bit RGB PNG encoding "
-            "segment ids as R + 256*G + 256^2*B"
-        )
-    rgb = arr[:, :, :3].astype(np.uint32)
+    rgb = read_label_png(path, rgb=True, what="panoptic PNG").astype(np.uint32)
     return rgb[:, :, 0] + 256 * rgb[:, :, 1] + 65536 * rgb[:, :, 2]
 
 

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..distributed import dist_info, identity_collate, shard_indices, sum_over_processes, unwrap_worker_errors
 from ..fileio import write_atomic, write_json_atomic
 from ..predictor import Segmenter
 from ..text import DETECTION_TEMPLATES
-from .metrics import sum_over_processes
 from .panoptic import CocoPanoptic
-from .runner import dist_info, identity_collate, shard_indices, unwrap_worker_errors
 
 __all__ = [
     "GROUPS",

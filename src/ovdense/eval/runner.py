@@ -2,87 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..classes import display_names
+from ..distributed import dist_info, identity_collate, shard_indices, unwrap_worker_errors
 from ..errors import OvdenseError
 from ..fileio import write_atomic, write_json_atomic
 from ..predictor import Segmenter
 from .datasets import SegDataset
 from .metrics import IoUAccumulator, SegMetrics
-
-#: Benchmarks whose class 0 is background (matched by background words and prob_thd).
-BACKGROUND_CLASS_DATASETS = ("voc21", "context60", "coco_object")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the current ``torch.distributed`` group (torchrun), or a single process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
-
-
-def init_distributed_from_env(device: str | None) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for a single process).
-
-    Uses NCCL when the processes run on CUDA, gloo on CPU.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist_info()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist_info()
-
-
-def identity_collate(batch):
-    """DataLoader ``collate_fn`` for batch size 1: the one sample as it is (images differ in size)."""
-    return batch[0]
-
-
-def shard_indices(n: int, limit: int | None, info: DistInfo) -> list[int]:
-    """Image indices this process evaluates: the first ``limit`` images, every ``world_size``-th from ``rank``."""
-    total = n if limit is None else min(n, limit)
-    return list(range(info.rank, total, info.world_size))
-
-
-def unwrap_worker_errors(samples):
-    """Iterate, turning an OvdenseError raised in a DataLoader worker back into its one-line message.
-
-    The loader re-raises a worker's exception with the worker's traceback folded into the message.
-    """
-    try:
-        yield from samples
-    except OvdenseError as err:
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        if len(lines) <= 1:
-            raise
-        last = lines[-1]
-        prefix = "ovdense.errors.OvdenseError: "
-        raise OvdenseError(last[len(prefix) :] if last.startswith(prefix) else last) from None
 
 
 def evaluate(
@@ -143,7 +73,7 @@ def evaluate(
             raise OvdenseError(f"{sample['image_path']}: label size {label.shape} differs from the image")
         acc.update(result.labels, label)
         if save_dir is not None:
-            background = 0 if spec.name in BACKGROUND_CLASS_DATASETS else None
+            background = spec.background_class
             save_label_png(result.labels, save_dir / f"{sample['name']}.png")
             save_label_png(label, save_dir / f"{sample['name']}_gt.png")
             picture = prediction_and_truth(
@@ -151,8 +81,7 @@ def evaluate(
             )
             save_image_atomic(picture, save_dir / f"{sample['name']}_overlay.png")
     acc.all_reduce()
-    return acc.compute(display_names(classes, 0 if spec.name in BACKGROUND_CLASS_DATASETS else None))
-
+    return acc.compute(display_names(classes, spec.background_class))
 
 
 def metrics_table(metrics: SegMetrics) -> str:

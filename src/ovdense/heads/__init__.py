@@ -1,41 +1,10 @@
-"""Training-free dense heads, selectable by name."""
+"""Training-free dense heads, one file per method, each registered by name (:mod:`ovdense.methods`).
+
+Build one with :func:`ovdense.methods.create_head`; the contract every head meets is :mod:`ovdense.heads.base`.
+"""
 
 from __future__ import annotations
 
-from .base import DenseHead, TextQuery
-from .clearclip import ClearClipHead
-from .clip import ClipHead
-from .corrclip import CorrclipHead
-from .declip import DeclipHead
-from .maskclip import MaskClipHead
-from .naclip import NaclipHead
-from .proxyclip import ProxyclipHead
-from .resclip import ResclipHead
-from .scclip import ScclipHead
-from .sclip import SclipHead
+from .base import Branches, DenseHead, HeadOutput, PassContext, PassInputs, TextQuery
 
-HEADS: dict[str, type[DenseHead]] = {
-    cls.name: cls
-    for cls in (
-        ClipHead,
-        MaskClipHead,
-        SclipHead,
-        ClearClipHead,
-        NaclipHead,
-        DeclipHead,
-        ScclipHead,
-        ResclipHead,
-        ProxyclipHead,
-        CorrclipHead,
-    )  # fmt: skip
-}
-
-
-def create_head(name: str, **kwargs) -> DenseHead:
-    """Build a head by name (a key of :data:`HEADS`)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; available: {', '.join(HEADS)}")
-    return HEADS[name](**kwargs)
-
-
-__all__ = ["HEADS", "DenseHead", "TextQuery", "create_head"]
+__all__ = ["Branches", "DenseHead", "HeadOutput", "PassContext", "PassInputs", "TextQuery"]

@@ -1,13 +1,23 @@
-"""What all dense heads share: run the tower up to the last block, replace that block, project."""
+"""What all dense heads share: run the tower up to the last block, replace that block, project.
+
+The contract between the caller, the tower and a head is typed: :class:`PassInputs` is what the caller hands a
+pass besides the images (the position-table rule, the text, a VFM, region masks), :class:`PassContext` what the
+pass collects for the head (the grid, the tapped blocks, the attention it records, the grid of its output), and
+:meth:`DenseHead.last_block` returns a token tensor or :class:`Branches`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..backbones.base import NO_TAPS, DenseTower, Taps
+
+if TYPE_CHECKING:
+    from ..vfm import Vfm
 
 
 @dataclass(frozen=True)
@@ -23,16 +33,79 @@ class TextQuery:
     logit_scale: float
 
 
+@dataclass(frozen=True)
+class PassInputs:
+    """What a pass needs besides the images.
+
+    Attributes:
+        pos_rule: positional-embedding resize rule (``"sclip"`` or ``"size"``, see
+            :func:`ovdense.backbones.base.resize_patch_pos_embed`).
+        text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
+        vfm: a vision foundation model, for heads with ``uses_vfm``.
+        masks: B x H x W integer region ids of each image, for heads with ``uses_masks``.
+    """
+
+    pos_rule: str = "sclip"
+    text: TextQuery | None = None
+    vfm: Vfm | None = None
+    masks: torch.Tensor | None = None
+
+
+@dataclass
+class PassContext:
+    """What one pass collects for the head, and what the head leaves for the caller.
+
+    Attributes:
+        images: B x 3 x H x W, the pass's input.
+        inputs: the caller's :class:`PassInputs`.
+        grid: (h, w) patches of the tower.
+        tower_state: the tower's own per-pass values (EVA02's RoPE), handed back to its block calls.
+        states: the residual stream after each tapped block, B x L x C (see :class:`~ovdense.backbones.base.Taps`).
+        attention: per-head attention probabilities of each tapped block, B x heads x L x L.
+        record_attention: whether the caller wants the attention the head applies (:meth:`record`).
+        head_attention: that attention, B x M x M averaged over heads, when recorded.
+        out_grid: the grid of the head's output where it is not the tower's (a VFM's), else None.
+    """
+
+    images: torch.Tensor
+    inputs: PassInputs
+    grid: tuple[int, int]
+    tower_state: dict = field(default_factory=dict)
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    record_attention: bool = False
+    head_attention: torch.Tensor | None = None
+    out_grid: tuple[int, int] | None = None
+
+    def record(self, weights: torch.Tensor) -> None:
+        """Keep the attention a head applies (B x heads x M x M), averaged over heads, when the caller asked for
+        it; the last call wins. M: the head's output tokens (prefix rows first when it keeps them, then the
+        grid row-major)."""
+        if self.record_attention:
+            self.head_attention = weights.detach().float().mean(dim=1)
+
+    @property
+    def output_grid(self) -> tuple[int, int]:
+        """The grid of the dense features: ``out_grid`` where the head set one, else the tower's."""
+        return self.grid if self.out_grid is None else self.out_grid
+
+
+@dataclass(frozen=True)
+class Branches:
+    """Token streams a head mixes after the tower's final norm and before its projection (CorrCLIP):
+    ``post_proj(Σ weight_i · post_norm(tokens_i))``; each B x N x C."""
+
+    tokens: tuple[torch.Tensor, ...]
+    weights: tuple[float, ...]
+
+
+#: What :meth:`DenseHead.last_block` returns.
+HeadOutput = Union[torch.Tensor, Branches]  # noqa: UP007 - a runtime alias, readable on Python 3.10
+
+
 def attend(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Apply attention weights B x heads x L x L to values B x heads x L x head_dim."""
     return weights @ v.to(weights.dtype)
-
-
-def record_attention(context: dict, weights: torch.Tensor) -> None:
-    """Keep the attention a head applies, averaged over heads (B x M x M over the head's output tokens), when
-    the caller asked for it (``context["record_attention"]``, see :meth:`DenseHead.run`); the last call wins."""
-    if context.get("record_attention"):
-        context["head_attention"] = weights.detach().float().mean(dim=1)
 
 
 def self_softmax(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,16 +116,15 @@ def self_softmax(t: torch.Tensor, scale: float) -> torch.Tensor:
 class DenseHead:
     """A training-free replacement for the last ViT block.
 
-    Subclasses implement :meth:`last_block` mapping the B x L x C tokens entering the last block to the tokens
-    that the tower's final norm and projection turn into dense features: B x L x C, or B x (h·w) x C for a head
-    whose output has no prefix rows (``output_has_prefix = False``). A head that reads earlier blocks says
-    which in :meth:`taps`; their values arrive in ``context`` from the same pass. A head that needs the class
-    names inside its pass (``needs_text = True``) finds a :class:`TextQuery` in ``context["text"]``; one that
-    needs a vision foundation model (``uses_vfm``) an :class:`ovdense.vfm.Vfm` in ``context["vfm"]``; one that
-    needs class-agnostic masks (``uses_masks``) the windows' B x H x W region ids in ``context["masks"]``. A head
-    whose features live on another grid than the tower's (a VFM's) puts it in ``context["out_grid"]``. A head
-    hands the attention it applies in its last block to :func:`record_attention` (what the demo and
-    ``ovdense attention`` show).
+    A subclass implements :meth:`last_block`, mapping the B x L x C tokens entering the last block to what the
+    tower's final norm and projection turn into dense features: B x L x C tokens, or B x (h·w) x C for a head
+    whose output has no prefix rows (``output_has_prefix = False``), or :class:`Branches` mixed after the norm.
+    It reads what it needs from the :class:`PassContext`: earlier blocks it declared in :meth:`taps`, the text
+    (``needs_text``), a VFM (``uses_vfm``), region masks (``uses_masks``), all in ``context.inputs``; a head whose
+    features live on another grid than the tower's (a VFM's) sets ``context.out_grid``; it hands the attention
+    it applies to :meth:`PassContext.record` (what the demo and ``ovdense attention`` show).
+
+    A head becomes a method by its registration (:func:`ovdense.methods.register_method`), which sets ``name``.
     """
 
     name: str = "abstract"
@@ -66,75 +138,96 @@ class DenseHead:
     uses_masks: bool = False
 
     def taps(self, tower: DenseTower) -> Taps:
-        """The earlier blocks this head reads on ``tower`` (none by default)."""
+        """The earlier blocks this head reads on ``tower`` (none by default); raises ValueError when the tower
+        lacks them."""
         return NO_TAPS
 
-    def last_block(self, tower: DenseTower, x: torch.Tensor, context: dict) -> torch.Tensor:
+    def last_block(self, tower: DenseTower, x: torch.Tensor, context: PassContext) -> HeadOutput:
+        """The head's last block: B x L x C tokens entering it -> tokens for :meth:`project` (class docstring)."""
         raise NotImplementedError
 
-    def encode_dense(
-        self,
-        tower: DenseTower,
-        images: torch.Tensor,
-        pos_rule: str = "sclip",
-        normalize: bool = True,
-        text: TextQuery | None = None,
-        vfm=None,
-        masks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Dense features of a batch of images: B x D x h x w (see :meth:`run`)."""
-        return self.run(tower, images, pos_rule, normalize, text, vfm, masks)[0]
+    def check_inputs(self, inputs: PassInputs) -> None:
+        """Raise ValueError when ``inputs`` lack what this head needs (text, VFM, masks)."""
+        for needed, value, what in (
+            (self.needs_text, inputs.text, "segments inside its pass: give it the text embeddings"),
+            (self.uses_vfm, inputs.vfm, "needs a vision foundation model: give it vfm="),
+            (self.uses_masks, inputs.masks, "needs class-agnostic masks of each image: give it masks="),
+        ):
+            if needed and value is None:
+                raise ValueError(f"the {self.name} head {what}")
+
+    def begin(
+        self, tower: DenseTower, images: torch.Tensor, inputs: PassInputs, record_attention: bool = False
+    ) -> tuple[torch.Tensor, PassContext]:
+        """Embed B x 3 x H x W images and run every block but the last, with this head's taps.
+
+        Returns:
+            the B x L x C tokens entering the last block and the pass's :class:`PassContext`.
+        """
+        self.check_inputs(inputs)
+        x, tower_state = tower.tokens_before_last_block(images, inputs.pos_rule, self.taps(tower))
+        states, attention = tower_state.pop("states", {}), tower_state.pop("attention", {})
+        context = PassContext(
+            images=images, inputs=inputs, grid=tuple(tower_state["grid"]), tower_state=tower_state,
+            states=states, attention=attention, record_attention=record_attention,
+        )  # fmt: skip
+        return x, context
 
     def run(
         self,
         tower: DenseTower,
         images: torch.Tensor,
-        pos_rule: str = "sclip",
+        inputs: PassInputs = PassInputs(),  # noqa: B008 - frozen, shared safely
+        *,
         normalize: bool = True,
-        text: TextQuery | None = None,
-        vfm=None,
-        masks: torch.Tensor | None = None,
         record_attention: bool = False,
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, PassContext]:
         """Dense features of a batch of images, and the pass's context.
 
         Args:
             tower: the image tower.
             images: B x 3 x H x W normalised images.
-            pos_rule: positional-embedding resize rule (``"sclip"`` or ``"size"``, see
-                :func:`ovdense.backbones.base.resize_patch_pos_embed`).
+            inputs: the position-table rule and what the head needs (:class:`PassInputs`).
             normalize: L2-normalise each token. Region pooling on EVA02 works on the un-normalised map
                 and normalises the pooled vector, as DeCLIP does.
-            text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
-            vfm: an :class:`ovdense.vfm.Vfm`, for heads with ``uses_vfm``.
-            masks: B x H x W integer region ids of each image, for heads with ``uses_masks``.
-            record_attention: keep the attention the head applies in ``context["head_attention"]``: B x M x M
-                averaged over heads, M the head's output tokens (prefix rows first when ``output_has_prefix``,
-                then the h x w grid row-major); absent for a head that records none.
+            record_attention: keep the attention the head applies in ``context.head_attention`` (see
+                :meth:`PassContext.record`); None for a head that records none.
 
         Returns:
             ``(features, context)``: B x D x h x w projected features (D = joint embedding width; h x w the tower's
-            grid H/p x W/p, or the grid the head computes on, e.g. a VFM's), L2-normalised per token when
-            ``normalize``; the context holds ``grid`` and, where the head set one, ``out_grid``.
+            grid H/p x W/p, or the grid the head computes on, e.g. a VFM's: ``context.output_grid``), L2-normalised
+            per token when ``normalize``.
+
+        Raises:
+            ValueError: ``inputs`` lack what the head needs, or the tower lacks the blocks it reads.
         """
-        for needed, value, what in (
-            (self.needs_text, text, "segments inside its pass: give it the text embeddings"),
-            (self.uses_vfm, vfm, "needs a vision foundation model: give it vfm="),
-            (self.uses_masks, masks, "needs class-agnostic masks of each image: give it masks="),
-        ):
-            if needed and value is None:
-                raise ValueError(f"the {self.name} head {what}")
-        x, context = tower.tokens_before_last_block(images, pos_rule, self.taps(tower))
-        context.update(images=images, text=text, vfm=vfm, masks=masks, record_attention=record_attention)
+        x, context = self.begin(tower, images, inputs, record_attention)
         y = self.project(tower, self.last_block(tower, x, context), context)
         if normalize:
             y = F.normalize(y, dim=-1)
-        h, w = context.get("out_grid", context["grid"])
+        h, w = context.output_grid
         return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w), context
 
-    def project(self, tower: DenseTower, y, context: dict) -> torch.Tensor:
+    def encode_dense(
+        self,
+        tower: DenseTower,
+        images: torch.Tensor,
+        inputs: PassInputs = PassInputs(),  # noqa: B008 - frozen, shared safely
+        *,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Dense features of a batch of images: B x D x h x w (see :meth:`run`)."""
+        return self.run(tower, images, inputs, normalize=normalize)[0]
+
+    def project(self, tower: DenseTower, y: HeadOutput, context: PassContext) -> torch.Tensor:
         """The last block's output to B x (h·w) x D dense tokens: the tower's final norm and projection, prefix
-        rows dropped (a head that mixes branches between the norm and the projection overrides this)."""
+        rows dropped; :class:`Branches` are normalised each, weighted, summed, then projected."""
+        if isinstance(y, Branches):
+            terms = [tower.post_norm(tokens) * weight for tokens, weight in zip(y.tokens, y.weights, strict=True)]
+            mixed = terms[0]
+            for term in terms[1:]:  # summed in order, as the references write the mix
+                mixed = mixed + term
+            return tower.post_proj(mixed)
         y = tower.project(y)
         return y[:, tower.num_prefix_tokens :] if self.output_has_prefix else y
 

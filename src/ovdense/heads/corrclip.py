@@ -26,25 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Taps
-from .base import DenseHead, record_attention
-from .proxyclip import vfm_input
+from ..methods import register_method
+from .base import Branches, DenseHead
+from .vfm_proxies import MERGED_REGION_ID, resize_region_ids, values_on_grid, vfm_input
 
-__all__ = ["CorrclipHead", "connected_components", "merge_regions", "nearest", "scope_attention"]
-
-#: The offset CorrCLIP gives merged regions (and the padding of masks: the reference reuses the value).
-MERGED_OFFSET = 10000
-
-
-def nearest(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Integer maps resized as the reference does: ``F.interpolate(mode="nearest")`` on float (legacy floor).
-
-    Args:
-        ids: B x H x W integers (exact in float32 below 2^24).
-
-    Returns:
-        B x h x w int64.
-    """
-    return F.interpolate(ids[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+__all__ = ["CorrclipHead", "connected_components", "merge_regions", "scope_attention"]
 
 
 def connected_components(adjacency: torch.Tensor) -> torch.Tensor:
@@ -91,7 +77,7 @@ def merge_regions(ids: torch.Tensor, features: torch.Tensor, eps: float = 0.2) -
     components = connected_components((similarity.max() - similarity).double() <= eps)
     merged = flat.clone()
     for region, component in zip(regions[1:], components.tolist(), strict=True):
-        merged[region] = component + MERGED_OFFSET
+        merged[region] = component + MERGED_REGION_ID
     return merged.view_as(ids)
 
 
@@ -118,6 +104,22 @@ def scope_attention(similarity: torch.Tensor, ids: torch.Tensor, tau: float = 4.
     return (similarity.masked_fill(~allowed, float("-inf")) * tau).softmax(dim=-1)
 
 
+@register_method(
+    "corrclip",
+    order=80,
+    summary="CorrCLIP: VFM correlations within class-agnostic masks, spatial and semantic branches, a vote per mask",
+    defaults={
+        "short_side": 336,
+        "crop": 336,
+        "stride": 112,
+        "pad_multiple": 56,
+        "class_style": "corrclip",
+    },
+    datasets_of="proxyclip",  # the same values in both repositories' configs
+    model="ViT-B-16-quickgelu",
+    pretrained="metaclip_fullcc",
+    vfm="dino-b8",
+)
 class CorrclipHead(DenseHead):
     """CorrCLIP v1's last block (module docstring).
 
@@ -127,7 +129,6 @@ class CorrclipHead(DenseHead):
         alpha, beta: weights of the spatial and semantic branches (1.0, 0.5).
     """
 
-    name = "corrclip"
     output_has_prefix = False
     uses_vfm = True
     uses_masks = True
@@ -148,26 +149,16 @@ class CorrclipHead(DenseHead):
         return Taps(states=tuple(range(tower.num_blocks - 1)))
 
     def last_block(self, tower, x, context):
-        vfm, images, window_ids = context["vfm"], context["images"], context["masks"]
-        pre = tower.preprocess
-        qk = vfm.last_qk(vfm_input(images.float(), pre.mean, pre.std, vfm.mean, vfm.std))
+        vfm, pre = context.inputs.vfm, tower.preprocess
+        qk = vfm.last_qk(vfm_input(context.images.float(), pre.mean, pre.std, vfm.mean, vfm.std))
         grid_f = tuple(qk.shape[-2:])
         feats = F.normalize(qk.flatten(2).transpose(1, 2), dim=-1)  # B x N_f x C
         similarity = torch.einsum("bmc,bnc->bmn", feats, feats)
-        ids_f = nearest(window_ids, grid_f)
-        states = context["states"]
+        ids_f = resize_region_ids(context.inputs.masks, grid_f)
+        states = context.states
         spatial = torch.stack([states[b] for b in self.spatial_blocks(tower.num_blocks)]).mean(0)
-        h, w = context["grid"]
-        npt = tower.num_prefix_tokens
-
-        def to_vfm_grid(tokens: torch.Tensor) -> torch.Tensor:
-            _, _, v = tower.qkv(tower.last_norm1(tokens))
-            b, heads, _, dim = v.shape
-            v = v[:, :, npt:].reshape(b * heads, h, w, dim).permute(0, 3, 1, 2)
-            v = F.interpolate(v, size=grid_f, mode="bilinear", align_corners=False)
-            return v.permute(0, 2, 3, 1).reshape(b, heads, -1, dim)
-
-        v_main, v_spatial = to_vfm_grid(x), to_vfm_grid(spatial)
+        v_main = values_on_grid(tower, x, context.grid, grid_f)
+        v_spatial = values_on_grid(tower, spatial, context.grid, grid_f)
         main, spatial_out, semantic, applied = [], [], [], []
         for i in range(len(x)):  # the regions, and so the attention and the semantic tokens, differ per window
             merged = merge_regions(ids_f[i], feats[i], self.eps)
@@ -175,11 +166,13 @@ class CorrclipHead(DenseHead):
             applied.append(weights)
             main.append(tower.attn_out(weights @ v_main[i : i + 1])[0])
             spatial_out.append(tower.attn_out(weights @ v_spatial[i : i + 1])[0])
-            semantic.append(self._semantic(tower, states, x, i, nearest(merged[None], (h, w))[0], grid_f))
-        context["out_grid"] = grid_f
-        if context.get("record_attention"):
-            record_attention(context, torch.cat(applied))
-        return torch.stack(main), torch.stack(spatial_out), torch.stack(semantic)
+            ids_c = resize_region_ids(merged[None], context.grid)[0]
+            semantic.append(self._semantic(tower, states, x, i, ids_c, grid_f))
+        context.out_grid = grid_f
+        if context.record_attention:
+            context.record(torch.cat(applied))
+        branches = (torch.stack(main), torch.stack(spatial_out), torch.stack(semantic))
+        return Branches(branches, (1.0, self.alpha, self.beta))
 
     def _semantic(self, tower, states, x, i, ids_c: torch.Tensor, grid_f) -> torch.Tensor:
         """The semantic branch of window ``i``: N_f x C, each VFM-grid cell its region's token."""
@@ -199,10 +192,6 @@ class CorrclipHead(DenseHead):
             tokens = tokens + tower.ffn(tokens[None], block)[0]
         cells = F.interpolate(regions.view(-1, 1, *ids_c.shape).float(), size=grid_f, mode="nearest").flatten(1)
         return cells.T @ tokens
-
-    def project(self, tower, y, context):
-        main, spatial, semantic = (tower.post_norm(t) for t in y)
-        return tower.post_proj(main + spatial * self.alpha + semantic * self.beta)
 
     def __repr__(self) -> str:
         return f"CorrclipHead(tau={self.tau}, eps={self.eps}, alpha={self.alpha}, beta={self.beta})"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import DenseHead, attend, record_attention
+from ..methods import register_method
+from .base import DenseHead, attend
 
 
 def gaussian_neighbourhood_bias(
@@ -27,10 +28,25 @@ def gaussian_neighbourhood_bias(
     return torch.nn.functional.pad(omega, (num_prefix, 0, num_prefix, 0)).to(dtype)
 
 
+@register_method(
+    "naclip",
+    order=20,
+    summary="softmax(kk + Gaussian neighbourhood) attention, no residual, no FFN, PAMR (NACLIP)",
+    defaults={"pamr": True},
+    datasets={
+        "voc21": {"crop": 0, "prob_thd": 0.1},
+        "voc20": {"crop": 0},
+        "context60": {"prob_thd": 0.1},
+        "coco_object": {"prob_thd": 0.1},
+        "cityscapes": {"short_side": 560},
+    },
+)
 class NaclipHead(DenseHead):
-    """y = out_proj(softmax(s k kᵀ + ω) v), no residual, no FFN (NACLIP ``arch='reduced'``)."""
+    """y = out_proj(softmax(s k kᵀ + ω) v), no residual, no FFN (NACLIP ``arch='reduced'``).
 
-    name = "naclip"
+    Args:
+        sigma: σ of the Gaussian neighbourhood ω, in patches (5).
+    """
 
     def __init__(self, sigma: float = 5.0):
         self.sigma = sigma
@@ -45,9 +61,9 @@ class NaclipHead(DenseHead):
     def last_block(self, tower, x, context):
         _, k, v = tower.qkv(tower.last_norm1(x))
         logits = (k * tower.scale) @ k.transpose(-2, -1)
-        logits = logits + self.bias(context["grid"], tower.num_prefix_tokens, logits.device, logits.dtype)
+        logits = logits + self.bias(context.grid, tower.num_prefix_tokens, logits.device, logits.dtype)
         weights = torch.softmax(logits, dim=-1)
-        record_attention(context, weights)
+        context.record(weights)
         return tower.attn_out(attend(weights, v))
 
     def __repr__(self) -> str:

@@ -4,8 +4,8 @@ As mc-lan/ProxyCLIP computes it (``proxyclip_segmentor.py`` ``forward_feature``,
 ``custom_attn``; commit e7b767f), per window:
 
 1. The VFM sees the same window: the CLIP-normalised pixels un-normalised with CLIP's statistics and
-   normalised with the VFM's (ImageNet), no resize (:func:`vfm_input`). F = its last block's patch tokens after
-   the final norm, on the VFM grid (42 x 42 for DINO B/8 at 336 px).
+   normalised with the VFM's (ImageNet), no resize (:func:`.vfm_proxies.vfm_input`). F = its last block's patch
+   tokens after the final norm, on the VFM grid (42 x 42 for DINO B/8 at 336 px).
 2. f̂ = F / ‖F‖ per token, S = f̂ f̂ᵀ; A = γ (S − β·mean(S)) with the mean over every entry of the window's S;
    entries with A < 0 are −∞; P = softmax over each row; one P for every head (no q or k of CLIP's).
 3. CLIP's last-block values (of ln_1 of the tokens entering it), [CLS] dropped, bilinear (align_corners=False)
@@ -21,27 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DenseHead, record_attention
+from ..methods import register_method
+from .base import DenseHead
+from .vfm_proxies import values_on_grid, vfm_input
 
-__all__ = ["ProxyclipHead", "proxy_attention", "vfm_input"]
-
-
-def vfm_input(images: torch.Tensor, clip_mean, clip_std, vfm_mean, vfm_std) -> torch.Tensor:
-    """The VFM's view of CLIP-normalised windows: ``((x · σ_clip + μ_clip) − μ_vfm) / σ_vfm`` per channel.
-
-    Args:
-        images: B x 3 x H x W normalised with CLIP's statistics (the references' rounded x255 values); the
-            un-normalisation uses ``clip_mean``/``clip_std`` ([0, 1] units, OpenAI's exact values), as the
-            references' ``UnNormalize`` does.
-
-    Returns:
-        B x 3 x H x W.
-    """
-    c = torch.tensor(clip_std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    m = torch.tensor(clip_mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    vm = torch.tensor(vfm_mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    vs = torch.tensor(vfm_std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images * c + m - vm) / vs
+__all__ = ["ProxyclipHead", "proxy_attention"]
 
 
 def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -59,6 +43,26 @@ def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.
     return torch.softmax(logits.masked_fill(logits < 0.0, float("-inf")), dim=-1)
 
 
+@register_method(
+    "proxyclip",
+    order=70,
+    summary="ProxyCLIP: one attention for all heads from a VFM's patch similarities (DINO B/8) on CLIP's values",
+    defaults={
+        "short_side": 336,
+        "crop": 336,
+        "stride": 112,
+        "pad_multiple": 56,
+        "class_style": "proxyclip",
+    },
+    datasets={
+        "voc21": {"prob_thd": 0.2},
+        "context60": {"prob_thd": 0.15},
+        "coco_object": {"prob_thd": 0.25},
+        "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
+        "ade20k": {"short_side": 448},
+    },
+    vfm="dino-b8",
+)
 class ProxyclipHead(DenseHead):
     """ProxyCLIP's last block (module docstring).
 
@@ -67,7 +71,6 @@ class ProxyclipHead(DenseHead):
         gamma: γ, the temperature (3.0).
     """
 
-    name = "proxyclip"
     output_has_prefix = False
     uses_vfm = True
 
@@ -75,19 +78,13 @@ class ProxyclipHead(DenseHead):
         self.beta, self.gamma = beta, gamma
 
     def last_block(self, tower, x, context):
-        vfm, images = context["vfm"], context["images"]
-        pre = tower.preprocess
-        features = vfm.features(vfm_input(images.float(), pre.mean, pre.std, vfm.mean, vfm.std))
+        vfm, pre = context.inputs.vfm, tower.preprocess
+        features = vfm.features(vfm_input(context.images.float(), pre.mean, pre.std, vfm.mean, vfm.std))
         grid = tuple(features.shape[-2:])
         weights = proxy_attention(features, self.beta, self.gamma).unsqueeze(1)  # B x 1 x N x N: every head
-        _, _, v = tower.qkv(tower.last_norm1(x))
-        b, heads, _, dim = v.shape
-        h, w = context["grid"]
-        v = v[:, :, tower.num_prefix_tokens :].reshape(b * heads, h, w, dim).permute(0, 3, 1, 2)
-        v = F.interpolate(v, size=grid, mode="bilinear", align_corners=False)
-        v = v.permute(0, 2, 3, 1).reshape(b, heads, grid[0] * grid[1], dim)
-        context["out_grid"] = grid
-        record_attention(context, weights)
+        v = values_on_grid(tower, x, context.grid, grid)
+        context.out_grid = grid
+        context.record(weights)
         return tower.attn_out(weights.to(v.dtype) @ v)
 
     def __repr__(self) -> str:

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Taps
+from ..methods import register_method
 from ..pamr import pamr
-from .base import DenseHead, record_attention
+from .base import DenseHead
 from .naclip import gaussian_neighbourhood_bias
 
 __all__ = ["ResclipHead", "patch_labels", "sfr_prior", "valid_paths"]
@@ -114,6 +115,30 @@ def sfr_prior(labels: torch.Tensor, sigma: float = 5.0, delete_same_entity: bool
     return out
 
 
+@register_method(
+    "resclip",
+    order=60,
+    summary="ResCLIP on NACLIP: kk + Gaussian attention mixed with blocks 6-9 (RCS) and a first-pass label prior (SFR)",
+    datasets={
+        "voc21": {
+            "crop": 0, "prob_thd": 0.1,
+            "head_kwargs": {"temp_thd": 0.50, "rcs_lambda": 0.3, "sfr_tau": 2.2, "sfr_lambda": 0.7},
+        },
+        "context60": {
+            "prob_thd": 0.1, "head_kwargs": {"temp_thd": 0.30, "rcs_lambda": 0.3, "sfr_tau": 1.8, "sfr_lambda": 0.7},
+        },
+        "coco_object": {
+            "prob_thd": 0.1, "head_kwargs": {"temp_thd": 0.11, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7},
+        },
+        "voc20": {"crop": 0, "head_kwargs": {"temp_thd": 0.10, "rcs_lambda": 0.6, "sfr_tau": 2.1, "sfr_lambda": 0.6}},
+        "context59": {"head_kwargs": {"temp_thd": 0.25, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7}},
+        "coco_stuff": {"head_kwargs": {"temp_thd": 0.11, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7}},
+        "cityscapes": {
+            "short_side": 560, "head_kwargs": {"temp_thd": 0.10, "rcs_lambda": 0.2, "sfr_tau": 2.1, "sfr_lambda": 0.6},
+        },
+        "ade20k": {"head_kwargs": {"temp_thd": 0.25, "rcs_lambda": 0.3, "sfr_tau": 2.1, "sfr_lambda": 0.7}},
+    },  # fmt: skip
+)
 class ResclipHead(DenseHead):
     """ResCLIP's last block (module docstring).
 
@@ -130,7 +155,6 @@ class ResclipHead(DenseHead):
         pamr_iterations, pamr_dilations: the first pass's PAMR.
     """
 
-    name = "resclip"
     needs_text = True
 
     def __init__(
@@ -166,8 +190,8 @@ class ResclipHead(DenseHead):
         return self._omega[key]
 
     def last_block(self, tower, x, context):
-        grid, images, text = context["grid"], context["images"], context["text"]
-        attention = context["attention"]
+        grid, images, text = context.grid, context.images, context.inputs.text
+        attention = context.attention
         rcs = torch.stack([attention[b] for b in self.rcs_blocks]).mean(dim=0)  # B x heads x L x L
         _, k, v = tower.qkv(tower.last_norm1(x))
         kk = (k @ k.transpose(-2, -1)) * tower.scale
@@ -181,7 +205,7 @@ class ResclipHead(DenseHead):
                 logits = self.sfr_tau * ((1 - self.sfr_lambda) * logits + lam_prior)
             weights = torch.softmax(logits + omega, dim=-1)
             weights = self.rcs_tau * ((1 - self.rcs_lambda) * weights + self.rcs_lambda * rcs)
-            record_attention(context, weights)  # the final (SFR) pass's is kept
+            context.record(weights)  # the final (SFR) pass's is kept
             return tower.attn_out(weights @ v.to(weights.dtype))
 
         first = tower.project(attend(None))[:, tower.num_prefix_tokens :]

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Taps
-from .base import DenseHead, record_attention
+from ..methods import register_method
+from .base import DenseHead
 
 __all__ = ["ScclipHead", "local_outlier_factor", "repair_anomalies", "similarity_aggregation"]
 
@@ -109,6 +110,17 @@ def similarity_aggregation(similarity: torch.Tensor, beta: float) -> torch.Tenso
     return s / (s.sum(dim=-1, keepdim=True) + 1e-6)
 
 
+@register_method(
+    "scclip",
+    order=50,
+    summary="SC-CLIP: LOF anomaly repair, similarity aggregation, multi-level pass, no residual/FFN",
+    datasets={
+        "voc21": {"logit_scale": 50.0, "prob_thd": 0.15, "area_thd": 0.1},
+        "context60": {"prob_thd": 0.15},
+        "coco_object": {"logit_scale": 55.0, "prob_thd": 0.35},
+        "cityscapes": {"short_side": 560},
+    },
+)
 class ScclipHead(DenseHead):
     """SC-CLIP's last block (module docstring); the tapped blocks are 1-indexed as the paper's X_l.
 
@@ -122,7 +134,6 @@ class ScclipHead(DenseHead):
         neighbours, contamination: the LOF's k (30) and anomaly share (0.05).
     """
 
-    name = "scclip"
     output_has_prefix = False
 
     def __init__(
@@ -151,8 +162,8 @@ class ScclipHead(DenseHead):
         return Taps(states=tuple(sorted(blocks - {last})))
 
     def last_block(self, tower, x, context):
-        states = {**context["states"], tower.num_blocks - 1: x}
-        grid = context["grid"]
+        states = {**context.states, tower.num_blocks - 1: x}
+        grid = context.grid
         npt = tower.num_prefix_tokens
         patches = x[:, npt:]
         # Per image: the LOF, its quantile and so the anomaly set never mix windows of a batch.
@@ -167,7 +178,7 @@ class ScclipHead(DenseHead):
         def final_pass(tokens: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
             _, k, v = tower.qkv(tower.last_norm1(tokens))
             weights = (prior + torch.softmax((k @ k.transpose(-2, -1)) * tower.scale, dim=-1)) / 2
-            record_attention(context, weights)  # the second (multi-level) pass's is kept
+            context.record(weights)  # the second (multi-level) pass's is kept
             out = tower.attn_out(weights @ v.to(weights.dtype)) + self.res_cls * cls
             return agg_post @ out
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..methods import get_method
 from ..precision import PRECISIONS
-from ..presets import DECLIP_MODES
 
 __all__ = ["CHOICES", "RECIPES", "TrainConfig"]
 
@@ -24,16 +24,29 @@ RECIPES: dict[str, dict] = {
 #: Fields with a closed set of values (the command line offers them as choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
-    "mode": DECLIP_MODES,
+    "mode": get_method("declip").options["mode"].choices,
     "context_loss": ("l2", "kl"),
     "content_loss": ("roi", "tokens"),
     "precision": PRECISIONS,
 }
 
 
+def _flag(default, help: str, objective: str | None = None, required: bool = False):
+    """A field that ``ovdense train`` offers as a flag: ``help`` is the flag's help text, ``objective`` the one
+    objective that reads the field (the other objectives do not offer the flag), ``required`` whether the
+    command line requires it. The command line builds the flags from this metadata."""
+    metadata: dict = {"help": help}
+    if objective is not None:
+        metadata["objective"] = objective
+    if required:
+        metadata["required"] = True
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; ``ovdense train`` flags map one to one onto these fields.
+    """Everything a training run needs; ``ovdense train`` flags map one to one onto these fields (all but
+    ``objective``, the subcommand, and ``extra``), built from each field's metadata (``_flag``).
 
     Defaults reproduce DeCLIP's released EVA02-B/16 recipe (``scripts/dist_DeCLIP_eva_vitb16_coco.sh``:
     ``--mode qq_vfm_distill``, DINOv2-B/14 with registers), except the batch size, which is per process here
@@ -42,69 +55,99 @@ class TrainConfig:
     """
 
     objective: str = "declip"
-    data: str = ""
-    out: str = ""
+    data: str = _flag(
+        "", "folder of images (recursive) or webdataset .tar shards (a folder, a file or a glob)", required=True
+    )
+    out: str = _flag("", "run folder: config.json, checkpoints/, state/, log.csv, tb/", required=True)
     # student
-    model: str = "EVA02-B-16"
-    pretrained: str | None = None
-    checkpoint: str | None = None
-    mode: str = "qq"
-    unlocked_blocks: int | None = None
+    model: str = _flag("EVA02-B-16", "student architecture (open_clip name; default EVA02-B-16)")
+    pretrained: str | None = _flag(None, "open_clip pretrained tag of the student")
+    checkpoint: str | None = _flag(None, "student weights file (EVA-CLIP layout, open_clip, safetensors)")
+    mode: str = _flag("qq", "DeCLIP attention: qq (the released scripts) or csa (q-q + k-k)", objective="declip")
+    unlocked_blocks: int | None = _flag(None, "train only the last N transformer blocks (default all)")
     # data
-    image_size: int = 560
-    max_split: int = 6
-    max_boxes: int = 20
-    workers: int = 4
+    image_size: int = _flag(560, "student input side (longest side resized, padded right/bottom)")
+    max_split: int = _flag(6, "grid crops: up to this many rows (and columns)")
+    max_boxes: int = _flag(20, "grid crops: at most this many cells per image")
+    workers: int = _flag(4, "image-decoding worker processes")
     # teachers
-    vfm: str = "dinov2-b-reg"
-    vfm_checkpoint: str | None = None
-    sd: bool = False
-    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    sd_size: int = 512
-    sd_timestep: int = 100
-    sd_layers: str = "up-finest-2"
-    teacher_cache: str | None = None
+    vfm: str = _flag(
+        "dinov2-b-reg", "VFM teacher: dinov2-{s,b,l}[-reg], dino-{s,b}{8,16} or timm:<name>", objective="declip"
+    )
+    vfm_checkpoint: str | None = _flag(None, "local weights file for the VFM teacher", objective="declip")
+    sd: bool = _flag(
+        False, "add the Stable Diffusion teacher (SD-guided VFM affinity; needs ovdense[diffusion])", objective="declip"
+    )
+    sd_model: str = _flag(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "diffusers model id or local folder of the SD teacher",
+        objective="declip",
+    )
+    sd_size: int = _flag(512, "Stable Diffusion input side", objective="declip")
+    sd_timestep: int = _flag(100, "diffusion timestep of the one UNet pass (ours: 100)", objective="declip")
+    sd_layers: str = _flag(
+        "up-finest-2", "UNet self-attention layers: up-finest-K or comma-separated module names", objective="declip"
+    )
+    teacher_cache: str | None = _flag(
+        None, "folder caching VFM (and SD) outputs per image, so they run once over all epochs", objective="declip"
+    )
     # losses
-    recipe: str = "released"
-    context_loss: str = "l2"
-    context_tau: float = 0.2
-    content_loss: str = "roi"
-    roi_tokens: int = 4
-    rcc_weight: float = 0.0
-    rcc_tau: float = 0.2
-    content_weight: float = 1.0
-    context_weight: float = 0.1
-    # SCD (ours where the paper gives no value: DESIGN "SCD")
-    scd_weight: float = 1.0
-    scd_tau: float = 0.2
-    no_scd: bool = False
-    refiner: str | None = None
-    no_refiner: bool = False
+    recipe: str = _flag(
+        "released",
+        "released (DeCLIP's code) or extended (KL context, SD, RoI tokens, RCC; ours where unpublished)",
+        objective="declip",
+    )
+    context_loss: str = _flag("l2", "l2 (released) or kl (extended)", objective="declip")
+    context_tau: float = _flag(0.2, "temperature of the KL context loss (ours: 0.2)", objective="declip")
+    content_loss: str = _flag(
+        "roi", "roi (1x1 RoIAlign, released) or tokens (N x N RoI tokens, extended)", objective="declip"
+    )
+    roi_tokens: int = _flag(4, "N of the N x N RoI tokens", objective="declip")
+    rcc_weight: float = _flag(
+        0.0, "weight of the region correlation constraint (extended: 1.0, ours)", objective="declip"
+    )
+    rcc_tau: float = _flag(0.2, "temperature of the region correlation constraint (ours: 0.2)", objective="declip")
+    content_weight: float = _flag(1.0, "weight of the content loss", objective="declip")
+    context_weight: float = _flag(
+        0.1, "weight of the context loss (code 0.1; the paper's lambda 0.25)", objective="declip"
+    )
+    # SCD (ours where the paper gives no value: docs/design.md "SCD and the Refiner (ours)")
+    scd_weight: float = _flag(1.0, "weight of the SCD loss (lambda)", objective="scd")
+    scd_tau: float = _flag(0.2, "SCD softmax temperature (ours)", objective="scd")
+    no_scd: bool = _flag(
+        False, "SCD: train plain region-language alignment (RLA), no correlation loss", objective="scd"
+    )
+    refiner: str | None = _flag(
+        None, "SCD: a Refiner checkpoint (ovdense train refiner) whose tokens give the SCD target", objective="scd"
+    )
+    no_refiner: bool = _flag(False, "SCD: ignore --refiner (target = the frozen CLIP's tokens)", objective="scd")
     # the Refiner's own stage (ours)
-    refiner_depth: int = 2
-    refiner_tokens: int = 4
-    refiner_tau: float = 0.2
+    refiner_depth: int = _flag(2, "Refiner stage: transformer blocks of the Refiner", objective="refiner")
+    refiner_tokens: int = _flag(4, "Refiner stage: N of the N x N tokens matched per crop", objective="refiner")
+    refiner_tau: float = _flag(0.2, "Refiner stage: InfoNCE temperature (ours)", objective="refiner")
     # optimisation
-    epochs: int = 6
-    batch_size: int = 4
-    accum_steps: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] | None = None
-    eps: float | None = None
-    warmup_steps: int = 1000
-    precision: str = "auto"
-    alpha: float = 0.7
-    seed: int = 0
+    epochs: int = _flag(6, "passes over the data")
+    batch_size: int = _flag(4, "images per process per micro-batch")
+    accum_steps: int = _flag(1, "micro-batches per optimiser step")
+    lr: float = _flag(1e-5, "peak learning rate")
+    weight_decay: float = _flag(0.1, "AdamW weight decay (not on biases, norms, logit_scale)")
+    betas: tuple[float, float] | None = _flag(
+        None, "AdamW betas (default: DeCLIP's rule, 0.9 0.98 for model names with 'vit', else 0.9 0.999)"
+    )
+    eps: float | None = _flag(None, "AdamW eps (default: 1e-6 for model names with 'vit', else 1e-8)")
+    warmup_steps: int = _flag(1000, "linear warm-up steps before the cosine")
+    precision: str = _flag("auto", "auto (fp16 AMP on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    alpha: float = _flag(0.7, "saved weights = alpha*student + (1-alpha)*initial weights")
+    seed: int = _flag(0, "seed of the data order, grid draws and SD noise")
     # runtime
-    device: str | None = None
-    max_steps: int | None = None
-    save_every: int = 0
-    log_every: int = 10
-    val_data: str | None = None
-    val_limit: int | None = None
-    val_image_size: int = 560
-    resume: str | None = None
+    device: str | None = _flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    max_steps: int | None = _flag(None, "stop after this many optimiser steps (smoke runs)")
+    save_every: int = _flag(0, "also write the resume point every N steps (0: at epoch ends only)")
+    log_every: int = _flag(10, "log.csv / TensorBoard row (and, off a terminal, a progress line) every N steps")
+    val_data: str | None = _flag(None, "COCO panoptic folder: region classification at each epoch end")
+    val_limit: int | None = _flag(None, "validation images (default all)")
+    val_image_size: int = _flag(560, "detection input side of the validation")
+    resume: str | None = _flag(None, "run folder (or its state/) to continue from")
     extra: dict = field(default_factory=dict)
 
     def adam_betas_eps(self) -> tuple[tuple[float, float], float]:

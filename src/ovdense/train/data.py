@@ -50,6 +50,7 @@ __all__ = [
     "ImageFolder",
     "ImageSource",
     "TarShards",
+    "boxes_in_grid_units",
     "grid_boxes",
     "grid_choices",
     "open_source",
@@ -328,6 +329,25 @@ def grid_boxes(m: int, n: int) -> torch.Tensor:
     x0y0 = torch.stack([grid_x[:m, :n], grid_y[:m, :n]], dim=-1)
     x1y1 = torch.stack([grid_x[1:, 1:], grid_y[1:, 1:]], dim=-1)
     return torch.cat([x0y0, x1y1], dim=-1).view(-1, 4)
+
+
+def boxes_in_grid_units(boxes: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """Per image, its valid boxes (normalised to the padded input) in grid units, as RoIAlign takes them.
+
+    The inverse of the dataset's normalisation: :class:`DistillDataset`'s ``boxes`` are its grid cells on the
+    padded student input divided by the padded side; a map of h x w cells over that input scales them back.
+
+    Args:
+        boxes: B x K x 4 XYXY in [0, 1] of the padded input.
+        valid: B x K bool.
+        grid: (h, w) of the map.
+
+    Returns:
+        B tensors of shape K_b x 4.
+    """
+    h, w = grid
+    scale = boxes.new_tensor([w, h, w, h])
+    return [b[v] * scale for b, v in zip(boxes, valid, strict=True)]
 
 
 class GridSampler:

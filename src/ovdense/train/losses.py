@@ -8,8 +8,8 @@ Conventions shared by every loss here:
   and softmaxes, norms and 1 - cos of half-precision values lose most of their signal.
 - Every loss returns a 0-dim fp32 tensor.
 
-Which parts come from released code and which are ours is said per function (see ``DESIGN.md``,
-sections "DeCLIP training", "Extended version" and "SCD").
+Which parts come from released code and which are ours is said per function (see ``docs/design.md``,
+sections "DeCLIP training", "Extended version (ours where unpublished)" and "SCD and the Refiner (ours)").
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = [
 CONTEXT_TAU = 0.2
 #: Temperature of the region correlation constraint (ours).
 RCC_TAU = 0.2
-#: Temperature of SCD's row softmax (ours, per DESIGN "SCD").
+#: Temperature of SCD's row softmax (ours, per docs/design.md "SCD and the Refiner (ours)").
 SCD_TAU = 0.2
 #: Added to a row's (max - min) before SCD's min-max normalisation; see :func:`minmax_rows`.
 MINMAX_EPS = 1e-6
@@ -214,8 +214,8 @@ def attention_chain(maps: Sequence[Tensor]) -> Tensor:
 def resize_attention(attn: Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> Tensor:
     """Bring an attention map to another token grid, keeping it row-stochastic (ours).
 
-    DESIGN: "maps of other resolutions: resize queries and keys bilinearly, re-normalise rows". Both
-    axes are resized bilinearly (``align_corners=False``), then clamped at 0 and each row divided by
+    docs/design.md "Extended version (ours where unpublished)": queries and keys resized bilinearly, rows
+    re-normalised. Both axes are resized bilinearly (``align_corners=False``), then clamped at 0 and each row divided by
     its sum: resizing the key axis changes a row's mass (roughly by (H*W) / (h*w)), and the chain of
     :func:`attention_chain` needs rows that sum to 1.
 
@@ -389,13 +389,15 @@ def minmax_rows(x: Tensor, eps: float = MINMAX_EPS) -> Tensor:
 
 
 def scd_loss(student_tokens: Tensor, target_tokens: Tensor, tau: float = SCD_TAU) -> Tensor:
-    """Spatial correlation distillation (ours, per DESIGN "SCD"; the authors' code is not released).
+    """Spatial correlation distillation (ours: the authors' code is not released).
+
+    See docs/design.md "SCD and the Refiner (ours)".
 
     ``F_s`` = L2-normalised student tokens, ``F_t`` = L2-normalised target tokens (detached). Student
     logits ``L_s = F_s @ sg(F_s)^T``: one side stop-gradient, so each token is moved towards its
     targets' relations with the current (fixed) other tokens rather than dragging both ends. Target
     logits ``L_t = F_t @ F_t^T``. Each row is min-max normalised (:func:`minmax_rows`), then
-    ``P_t = softmax(L_t' / tau)``, ``log P_s = log_softmax(L_s' / tau)``. DESIGN's loss is the cross-entropy
+    ``P_t = softmax(L_t' / tau)``, ``log P_s = log_softmax(L_s' / tau)``. The loss of the notes is the cross-entropy
     ``-sum_j P_t log P_s``; this returns ``KL(P_t || P_s)`` = that cross-entropy minus the entropy of
     ``P_t``, a constant of the target: the gradients are the same, and the value is 0 exactly when the
     student's correlations equal the target's. Averaged over the batch and the rows.
@@ -460,7 +462,9 @@ def weighted_total(terms: Mapping[str, Tensor], weights: Mapping[str, float]) ->
 
 
 def token_infonce_loss(student: Tensor, target: Tensor, tau: float = 0.2) -> Tensor:
-    """InfoNCE over region tokens, the Refiner's self-supervised loss (ours, per DESIGN "SCD").
+    """InfoNCE over region tokens, the Refiner's self-supervised loss.
+
+    Ours, per docs/design.md "SCD and the Refiner (ours)".
 
     Both sides are flattened to M = K·T tokens and L2-normalised; ``logits = s @ t^T / tau`` (M x M) and the
     loss is the cross-entropy with the diagonal as positives: each student token must pick the target token of
@@ -470,7 +474,7 @@ def token_infonce_loss(student: Tensor, target: Tensor, tau: float = 0.2) -> Ten
     Args:
         student: K x T x D student tokens (the Refiner's RoI tokens).
         target: K x T x D target tokens (the frozen CLIP's zoomed-in crop tokens); detached here.
-        tau: softmax temperature (DESIGN: 0.2).
+        tau: softmax temperature (docs/design.md "SCD and the Refiner (ours)": 0.2).
 
     Returns:
         0-dim fp32 loss, >= 0.

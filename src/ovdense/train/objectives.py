@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
+from ..distributed import sum_over_processes
+from ..heads import PassInputs
+from ..methods import create_head
 from . import losses as L
 from .config import CHOICES, TrainConfig
+from .data import boxes_in_grid_units
+from .refiner import Refiner, load_refiner, refined_dense_map, refiner_loss, resized_crop_hw
 from .student import StudentOutput
 
 __all__ = [
@@ -19,26 +24,9 @@ __all__ = [
     "DeclipObjective",
     "RefinerObjective",
     "ScdObjective",
-    "boxes_in_grid_units",
     "build_objective",
     "regions_share",
 ]
-
-
-def boxes_in_grid_units(boxes: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
-    """Per image, its valid boxes (normalised to the padded input) in grid units, as RoIAlign takes them.
-
-    Args:
-        boxes: B x K x 4 XYXY in [0, 1] of the padded input.
-        valid: B x K bool.
-        grid: (h, w) of the map.
-
-    Returns:
-        B tensors of shape K_b x 4.
-    """
-    h, w = grid
-    scale = boxes.new_tensor([w, h, w, h])
-    return [b[v] * scale for b, v in zip(boxes, valid, strict=True)]
 
 
 def regions_share(local: int) -> float:
@@ -46,8 +34,6 @@ def regions_share(local: int) -> float:
     gradient DDP averages equals the mean over all regions of the global batch (ours; the reference
     averages per-GPU means, which weights images by how many grid cells they drew)."""
     import torch.distributed as dist
-
-    from ..eval.metrics import sum_over_processes
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 1.0
@@ -92,10 +78,9 @@ class DeclipObjective:
         self.student = StudentForward(loaded.model, loaded.tower, DeclipHead(cfg.mode), get_preset("declip").pos_rule)
         return self
 
-    def validation_preset(self):
-        from ..presets import get_preset
-
-        return get_preset("declip", head_kwargs={"mode": self.cfg.mode})
+    def validation_method(self) -> tuple[str, dict]:
+        """The method (and its options) that reads the trained CLIP for validation: DeCLIP's head, this mode."""
+        return "declip", {"mode": self.cfg.mode}
 
     def __init__(self, cfg: TrainConfig, clip_teacher, vfm, sd=None, caches: dict | None = None, name_of=None):
         if cfg.context_loss not in CHOICES["context_loss"]:
@@ -199,11 +184,13 @@ def _teacher_caches(cfg: TrainConfig, vfm, sd, grid: int) -> dict:
 
 
 class ScdObjective:
-    """SCD: region-language alignment (CLIPSelf) that keeps CLIP's spatial correlations (DESIGN "SCD").
+    """SCD: region-language alignment (CLIPSelf) that keeps CLIP's spatial correlations.
+
+    Ours where unpublished: docs/design.md "SCD and the Refiner (ours)".
 
     - RLA: the student's value-path (``maskclip``) dense map, 1x1 RoIAlign on each grid cell, aligned to the
       frozen teacher's crop [CLS] by 1 − cos (the same grid crops as DeCLIP's content loss).
-    - SCD (ours, per DESIGN): :func:`~ovdense.train.losses.scd_loss` between the student's L2-normalised dense
+    - SCD (ours): :func:`~ovdense.train.losses.scd_loss` between the student's L2-normalised dense
       tokens and a target: the frozen CLIP's value-path tokens (SC-RLA) or, with ``--refiner``, the Refiner's
       tokens on the frozen CLIP (R-SC-RLA). ``--no-scd`` trains plain RLA; ``--no-refiner`` ignores
       ``--refiner``.
@@ -221,13 +208,10 @@ class ScdObjective:
 
     @classmethod
     def create(cls, cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int) -> ScdObjective:
-        from ..heads import create_head
         from .student import StudentForward, freeze_for_distillation
 
         refiner = None
         if cfg.refiner and not cfg.no_refiner and not cfg.no_scd:
-            from .refiner import load_refiner
-
             refiner = load_refiner(cfg.refiner, tower=loaded.tower, model_name=cfg.model, device=device)
         self = cls(cfg, clip_teacher, refiner)
         self.trainable = freeze_for_distillation(
@@ -239,7 +223,6 @@ class ScdObjective:
 
     def __init__(self, cfg: TrainConfig, clip_teacher, refiner=None):
         from ..backbones import tower_for
-        from ..heads import create_head
 
         self.cfg = cfg
         self.clip_teacher = clip_teacher
@@ -257,20 +240,19 @@ class ScdObjective:
     def data_inputs(self, grid: int) -> dict:
         return {}
 
-    def validation_preset(self):
-        from ..presets import get_preset
-
-        return get_preset("maskclip")
+    def validation_method(self) -> tuple[str, dict]:
+        """CLIPSelf's dense head, the value path, reads the SCD student."""
+        return "maskclip", {}
 
     def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """B x N x D L2-normalised SCD target: the frozen CLIP's value-path tokens, or the Refiner's."""
         with torch.no_grad():
             if self.refiner is not None:
-                from .refiner import refined_dense_map
-
                 dense = refined_dense_map(self.refiner, self.teacher_tower, images, self.pos_rule, normalize=True)
             else:
-                dense = self.target_head.encode_dense(self.teacher_tower, images, self.pos_rule, normalize=True)
+                dense = self.target_head.encode_dense(
+                    self.teacher_tower, images, PassInputs(self.pos_rule), normalize=True
+                )
         return dense.flatten(2).transpose(1, 2).float()
 
     def __call__(self, batch: dict, out: StudentOutput) -> dict[str, torch.Tensor]:
@@ -290,9 +272,11 @@ class ScdObjective:
 
 
 class RefinerObjective:
-    """The Refiner's own stage (ours, DESIGN "SCD"): the frozen CLIP stays as it is; a light transformer on its
-    value-path tokens learns to make the full image's tokens match the frozen CLIP's tokens of zoomed-in crops
-    at the same places (:func:`~ovdense.train.refiner.zoomed_targets`, InfoNCE over tokens)."""
+    """The Refiner's own stage (ours, docs/design.md "SCD and the Refiner (ours)").
+
+    The frozen CLIP stays as it is; a light transformer on its value-path tokens learns to make the full image's
+    tokens match the frozen CLIP's tokens of zoomed-in crops at the same places
+    (:func:`~ovdense.train.refiner.zoomed_targets`, InfoNCE over tokens)."""
 
     name = "refiner"
     exports = "refiner"
@@ -300,19 +284,18 @@ class RefinerObjective:
 
     @classmethod
     def create(cls, cfg: TrainConfig, loaded, clip_teacher, device, source, grid: int) -> RefinerObjective:
-        from .refiner import Refiner
-
         loaded.model.requires_grad_(False)
         refiner = Refiner(loaded.tower.width, loaded.tower.num_heads, depth=cfg.refiner_depth).to(device)
-        self = cls(cfg, loaded.tower)
+        self = cls(cfg, loaded.tower, refiner)
         self.trained = refiner
         self.trainable = [n for n, p in refiner.named_parameters() if p.requires_grad]
         self.student = _RefinerForward(refiner, loaded.tower, self.pos_rule)
         return self
 
-    def __init__(self, cfg: TrainConfig, tower):
+    def __init__(self, cfg: TrainConfig, tower, refiner: Refiner | None = None):
         self.cfg = cfg
         self.tower = tower
+        self.refiner = refiner
 
     @property
     def weights(self) -> dict[str, float]:
@@ -321,23 +304,21 @@ class RefinerObjective:
     def data_inputs(self, grid: int) -> dict:
         return {}
 
-    def validation_preset(self):  # pragma: no cover - the refiner stage has no CLIP to validate
+    def validation_method(self) -> tuple[str, dict]:  # pragma: no cover - the refiner stage has no CLIP to validate
         raise NotImplementedError
 
     def __call__(self, batch: dict, out: StudentOutput) -> dict[str, torch.Tensor]:
-        from .refiner import resized_crop_hw, zoomed_targets
-
-        cfg = self.cfg
-        n = cfg.refiner_tokens
+        """``{"refiner": ...}``: :func:`~ovdense.train.refiner.refiner_loss` on the student pass's refined map
+        (``out.content``, which went through DDP), scaled by this process's share of the global batch's regions."""
         valid = batch["box_valid"]
-        rois = boxes_in_grid_units(batch["boxes"].float(), valid, out.grid)
         share = regions_share(int(valid.sum()))
-        refined = roi_align(out.content.float(), rois, (n, n), 1.0, -1, True).flatten(2).transpose(1, 2)
         crop_size = self.tower.preprocess.image_size[0]
         crop_hw = resized_crop_hw(batch["pixel_boxes"][valid].cpu(), crop_size).to(out.content.device)
-        with torch.no_grad():
-            targets = zoomed_targets(self.tower, batch["crops"][valid], crop_hw, n, self.pos_rule)
-        return {"refiner": L.token_infonce_loss(refined, targets, tau=cfg.refiner_tau) * share}
+        loss = refiner_loss(
+            self.refiner, self.tower, batch["image"], batch["boxes"], valid, batch["crops"], crop_hw,
+            n=self.cfg.refiner_tokens, tau=self.cfg.refiner_tau, pos_rule=self.pos_rule, share=share, dense=out.content,
+        )  # fmt: skip
+        return {"refiner": loss}
 
 
 class _RefinerForward(torch.nn.Module):
@@ -350,8 +331,6 @@ class _RefinerForward(torch.nn.Module):
         self.pos_rule = pos_rule
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
-        from .refiner import refined_dense_map
-
         dense = refined_dense_map(self.refiner, self.tower, images, self.pos_rule, normalize=True)
         return StudentOutput(content=dense, q=None, k=None, grid=tuple(dense.shape[-2:]))
 

@@ -1,4 +1,6 @@
-"""SCD's Refiner (R-SCD): a light transformer that cleans the frozen CLIP's dense tokens (ours, DESIGN "SCD").
+"""SCD's Refiner (R-SCD): a light transformer that cleans the frozen CLIP's dense tokens.
+
+Ours: docs/design.md "SCD and the Refiner (ours)".
 
 The paper's method section is not available, so everything here is our design:
 
@@ -31,7 +33,9 @@ from torchvision.ops import roi_align
 
 from ..backbones.base import DenseTower
 from ..errors import OvdenseError
-from ..heads import create_head
+from ..heads import PassInputs
+from ..methods import create_head
+from .data import boxes_in_grid_units
 from .losses import token_infonce_loss
 
 __all__ = [
@@ -65,7 +69,7 @@ class Refiner(nn.Module):
     Args:
         width: the token width C (the tower's ``width``).
         num_heads: attention heads per block (C must be divisible by it).
-        depth: number of blocks (DESIGN: 2).
+        depth: number of blocks (docs/design.md "SCD and the Refiner (ours)": 2).
         mlp_ratio: MLP hidden width / C.
     """
 
@@ -133,10 +137,11 @@ def frozen_dense_tokens(tower: DenseTower, images: Tensor, pos_rule: str = "size
     Returns:
         ``(tokens, (h, w))``: tokens B x (h·w) x C (C = ``tower.width``), row-major over the h x w patch grid.
     """
+    head = create_head("maskclip")
     with torch.no_grad():
-        x, context = tower.tokens_before_last_block(images, pos_rule)
-        y = create_head("maskclip").last_block(tower, x, context)
-    h, w = context["grid"]
+        x, context = head.begin(tower, images, PassInputs(pos_rule))
+        y = head.last_block(tower, x, context)
+    h, w = context.grid
     return y[:, tower.num_prefix_tokens :], (int(h), int(w))
 
 
@@ -268,7 +273,7 @@ def zoomed_targets(
     with torch.no_grad():
         dense = torch.cat(
             [
-                head.encode_dense(tower, crops[i : i + chunk], pos_rule, normalize=True).float()
+                head.encode_dense(tower, crops[i : i + chunk], PassInputs(pos_rule), normalize=True).float()
                 for i in range(0, k, chunk)
             ]
         )
@@ -290,8 +295,10 @@ def refiner_loss(
     n: int = 4,
     tau: float = 0.2,
     pos_rule: str = "size",
+    share: float = 1.0,
+    dense: Tensor | None = None,
 ) -> Tensor:
-    """The Refiner's self-supervised objective (ours, DESIGN "SCD").
+    """The Refiner's self-supervised objective (ours, docs/design.md "SCD and the Refiner (ours)").
 
     The refined, L2-normalised map of each full image is pooled ``roi_align(..., (n, n), 1.0, -1, True)`` over
     each valid box; each pooled token must pick the frozen CLIP's token of the same cell of the same box's
@@ -310,21 +317,26 @@ def refiner_loss(
         n: tokens per box side.
         tau: InfoNCE temperature.
         pos_rule: positional-embedding resize rule.
+        share: factor on the loss; under DDP, this process's share of the global batch's regions
+            (:func:`~ovdense.train.objectives.regions_share`), so that the averaged gradient is the mean over all
+            regions. 1 for a single process.
+        dense: the refined, L2-normalised B x D x h x w map of ``images`` when the caller has already computed it
+            (the trainer's pass through DDP, :func:`refined_dense_map` with ``normalize=True``); ``refiner`` is
+            then not called. ``None``: computed here.
 
     Returns:
         0-dim fp32 loss.
     """
-    # Imported here: objectives imports this module for the SCD and Refiner objectives.
-    from .objectives import boxes_in_grid_units
-
     if crop_hw.dim() == 3:
         crop_hw = crop_hw[box_valid.to(crop_hw.device)]
-    dense = refined_dense_map(refiner, tower, images, pos_rule, normalize=True).float()
+    if dense is None:
+        dense = refined_dense_map(refiner, tower, images, pos_rule, normalize=True)
+    dense = dense.float()
     rois = boxes_in_grid_units(boxes.float().to(dense.device), box_valid.to(dense.device), tuple(dense.shape[-2:]))
     # Boxes come out image by image, each image's valid boxes in order: the order of crops[box_valid].
     student = roi_align(dense, rois, (n, n), 1.0, -1, True).flatten(2).transpose(1, 2)
     targets = zoomed_targets(tower, crops[box_valid.to(crops.device)], crop_hw, n, pos_rule)
-    return token_infonce_loss(student, targets.to(student.device), tau=tau)
+    return token_infonce_loss(student, targets.to(student.device), tau=tau) * share
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------

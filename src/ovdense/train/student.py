@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.base import DenseTower
+from ..heads import PassInputs
 from ..heads.declip import DeclipHead
 
 __all__ = ["StudentForward", "StudentOutput", "freeze_for_distillation", "trainable_names"]
@@ -109,7 +110,7 @@ class StudentForward(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> StudentOutput:
         """images: B x 3 x S x S normalised -> :class:`StudentOutput`."""
         tower = self.tower
-        x, ctx = tower.tokens_before_last_block(images, self.pos_rule)
+        x, ctx = self.head.begin(tower, images, PassInputs(self.pos_rule))
         if isinstance(self.head, DeclipHead):
             content, q, k = self.head.decoupled(tower, x)
         else:
@@ -118,7 +119,7 @@ class StudentForward(torch.nn.Module):
         y = tower.project(content)[:, p:]
         if tower.region_tokens_normalized:  # DeCLIP's open_clip ViT path pools normalised tokens
             y = torch.nn.functional.normalize(y, dim=-1)
-        h, w = ctx["grid"]
+        h, w = ctx.grid
         dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
         q, k = (None, None) if q is None else (q[:, p:], k[:, p:])
         return StudentOutput(content=dense, q=q, k=k, grid=(h, w))

@@ -1,11 +1,11 @@
 """Frozen teachers of the distillation objectives: Stable Diffusion and CLIP.
 
 - The VFM teacher (DeCLIP's context teacher: patch tokens of the last block after the final norm, on a
-  proxy image of ``grid * patch`` pixels, DESIGN "DeCLIP training") is the library's
+  proxy image of ``grid * patch`` pixels, docs/design.md "DeCLIP training") is the library's
   :func:`ovdense.vfm.load_vfm` / :class:`ovdense.vfm.Vfm.features`.
 - :func:`load_sd` / :class:`SdTeacher`: the extended recipe's Stable Diffusion self-attention chain
-  (DESIGN "Extended version", SD-GSC), from a diffusers folder or hub id. diffusers / transformers are only
-  imported here, inside :func:`load_sd` (the ``[diffusion]`` extra).
+  (docs/design.md "Extended version (ours where unpublished)", SD-GSC), from a diffusers folder or hub id.
+  diffusers / transformers are only imported here, inside :func:`load_sd` (the ``[diffusion]`` extra).
 - :class:`ClipTeacher`: a frozen copy of the student's initial weights (crop [CLS] teacher).
 
 Weights are never silently random: a real name without weights in the cache, offline, fails in seconds
@@ -43,7 +43,8 @@ __all__ = [
 
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-#: Ours: the up-path self-attention layers at the two finest resolutions (DESIGN "Extended version").
+#: Ours: the up-path self-attention layers at the two finest resolutions
+#: (docs/design.md "Extended version (ours where unpublished)").
 DEFAULT_SD_LAYERS = "up-finest-2"
 
 _SD_OFFLINE_HELP = (
@@ -178,8 +179,8 @@ def _token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 class SdTeacher:
     """Frozen Stable Diffusion: the chained, head-averaged self-attention of one UNet pass.
 
-    Built by :func:`load_sd`. Per DESIGN "Extended version" (SD-GSC) with our defaults: the empty prompt,
-    one UNet pass at ``timestep`` 100, ``up-finest-2`` layers.
+    Built by :func:`load_sd`. Per docs/design.md "Extended version (ours where unpublished)" (SD-GSC) with our
+    defaults: the empty prompt, one UNet pass at ``timestep`` 100, ``up-finest-2`` layers.
 
     Args:
         vae: diffusers ``AutoencoderKL``.

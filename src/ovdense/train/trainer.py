@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import init_distributed_from_env
 from ..errors import OvdenseError, first_line
 from ..fileio import check_output_dir, fsync_dir, write_atomic, write_atomic_durable
 from ..precision import amp_dtype, autocast, check_precision
@@ -194,7 +195,6 @@ class Trainer:
         return self
 
     def _setup(self) -> None:
-        from ..eval.runner import init_distributed_from_env
         from ..weights import load_model
         from .data import DistillDataset, open_source
         from .objectives import OBJECTIVES, build_objective
@@ -530,8 +530,8 @@ class Trainer:
         loaded = copy.copy(self.loaded)
         loaded.model = model
         loaded.tower = tower_for(model)
-        preset = self.objective.validation_preset()
-        seg = Segmenter(loaded, preset, self.device, text_cache_dir=None)
+        method, options = self.objective.validation_method()
+        seg = Segmenter.from_model(loaded, method, text_cache_dir=None, **options)
         metrics, _ = evaluate_regions(
             seg,
             CocoPanoptic(self.cfg.val_data),

@@ -1,0 +1,305 @@
+"""Flag groups and helpers that several commands share: the model flags, the preset overrides, the class
+list, the image checks, loading the weights, the VFM and the segmenter the flags name.
+
+Like the rest of the command line, this module imports torch, open_clip and timm only inside the helpers that
+need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ..errors import OvdenseError
+from ..methods import check_method_inputs, get_method, list_methods, methods
+
+__all__ = [
+    "add_model_args",
+    "apply_max_pixels",
+    "check_images",
+    "check_inputs",
+    "cuda_available",
+    "load_for_cli",
+    "load_vfm_for_cli",
+    "method_options",
+    "read_classes",
+    "resolve_preset",
+    "segmenter",
+    "segmenter_options",
+    "warn_test_model",
+]
+
+#: The preset settings the command line overrides, one flag each.
+PRESET_FLAGS = ("short_side", "long_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd", "pamr")
+
+
+def add_model_args(
+    p: argparse.ArgumentParser, preset_overrides: bool = True, masks: bool = False, method: bool = True
+) -> None:
+    """The "model" flag group, the method options generated from the registry (``--METHOD-OPTION``) and, with
+    ``preset_overrides``, the flags overriding the method's settings."""
+    from ..precision import PRECISIONS
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="open_clip architecture or hf-hub:org/repo (default: the method's, else ViT-B-16; corrclip: "
+        "ViT-B-16-quickgelu, MetaCLIP)",
+    )
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (default for ViT-B-16)")
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        help="local weights file (.safetensors, .pt, .bin, OpenAI JIT, EVA-CLIP)",
+    )
+    if method:
+        g.add_argument(
+            "--method",
+            default="sclip",
+            choices=list_methods(),
+            help="dense head and its authors' settings (default sclip; see ovdense list-methods)",
+        )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: fp16 autocast on CUDA (as the references), fp32 on the CPU",
+    )
+    g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass (default 16)")
+    g.add_argument(
+        "--text-cache", default=None, help="text-embedding cache dir ('off' disables; default $OVDENSE_CACHE/text)"
+    )
+    g.add_argument(
+        "--vfm",
+        default=None,
+        help="VFM of proxyclip/corrclip (default dino-b8): dino-{s,b}{8,16}, dinov2-{s,b,l}[-reg], timm:NAME",
+    )
+    g.add_argument("--vfm-checkpoint", default=None, help="local weights file of the VFM (DINO/timm layout)")
+    if masks and method:
+        g.add_argument(
+            "--masks-dir",
+            default=None,
+            help="corrclip's class-agnostic masks: <image stem>.npz files (instance_mask); for eval the folder "
+            "holding voc/, context/, coco/, city/, ade/ (CorrCLIP's region_masks)",
+        )
+    if masks:
+        from ..mask_generators import MASK_GENERATORS
+
+        g.add_argument(
+            "--mask-generator",
+            default=None,
+            choices=tuple(MASK_GENERATORS),
+            help="corrclip: generate the masks with transformers' SAM or SAM2 instead (pip install 'ovdense[masks]')",
+        )
+        g.add_argument(
+            "--mask-model",
+            default=None,
+            help="SAM/SAM2 hub id or folder of --mask-generator (default facebook/sam-vit-base / sam2-hiera-large)",
+        )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
+    )
+    if method:
+        add_method_option_flags(p)
+    if not preset_overrides:
+        return
+    o = p.add_argument_group("preset overrides (default: the method's published settings)")
+    o.add_argument("--short-side", type=int, default=None, help="resize so the short side is at most this (mmseg rule)")
+    o.add_argument("--long-side", type=int, default=None, help="... and the long side at most this")
+    o.add_argument("--crop", type=int, default=None, help="window size in pixels, 0 = whole image")
+    o.add_argument("--stride", type=int, default=None, help="window stride in pixels")
+    o.add_argument("--logit-scale", type=float, default=None, help="multiplies the cosine maps before the softmax")
+    o.add_argument("--prob-thd", type=float, default=None, help="pixels below it become class 0 (background)")
+    o.add_argument(
+        "--area-thd",
+        type=float,
+        default=None,
+        help="drop classes predicted on at most this fraction of the foreground (SCLIP's VOC21 rule)",
+    )
+    o.add_argument("--pamr", default=None, choices=("on", "off"), help="PAMR refinement of the cosine maps (NACLIP)")
+
+
+def option_flag(method: str, option: str) -> str:
+    """The flag of a method's option: ``--declip-mode``, ``--resclip-temp-thd``."""
+    return f"--{method}-{option}".replace("_", "-")
+
+
+def add_method_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option of every registered method (its head's keyword arguments), each for that method only."""
+    g = p.add_argument_group("method options (each applies to its own --method; default: the method's settings)")
+    for name, spec in methods().items():
+        for option in spec.options.values():
+            text = f"{name}: {option.help or option.name}".rstrip(".") + f" (default {option.default})"
+            kwargs = {"choices": option.choices} if option.choices is not None else {"metavar": option.kind.upper()}
+            g.add_argument(
+                option_flag(name, option.name), dest=f"option:{name}:{option.name}", default=None, help=text, **kwargs
+            )
+
+
+def method_options(args) -> dict:
+    """The ``--METHOD-OPTION`` values given, as the method's option values; one for another method is an error."""
+    given = {}
+    for dest, text in vars(args).items():
+        if not dest.startswith("option:") or text is None:
+            continue
+        _, method, option = dest.split(":")
+        if method != args.method:
+            raise OvdenseError(f"{option_flag(method, option)} applies to --method {method}, not {args.method}")
+        try:
+            given[option] = get_method(method).options[option].parse(text, method)
+        except ValueError as err:
+            raise OvdenseError(f"{option_flag(method, option)}: {err}") from None
+    return given
+
+
+def preset_overrides(args) -> dict:
+    """The preset settings the flags override (None: the method's own)."""
+    overrides = {name: getattr(args, name, None) for name in PRESET_FLAGS}
+    if overrides["pamr"] is not None:
+        overrides["pamr"] = overrides["pamr"] == "on"
+    return overrides
+
+
+def resolve_preset(args, dataset: str | None):
+    """The method's preset for ``dataset`` with the flags' overrides; a bad combination is one error line."""
+    from ..presets import get_preset
+
+    try:
+        return get_preset(args.method, dataset, **preset_overrides(args), **method_options(args))
+    except ValueError as err:
+        raise OvdenseError(str(err)) from None
+
+
+def check_inputs(args, images=(), dataset: str | None = None, any_vfm: bool = False) -> None:
+    """The VFM and mask flags against what the method's head uses, and every image's mask file, before any model
+    loads (``any_vfm``: --vfm is valid with every method, as in ``attention``)."""
+    check_method_inputs(
+        args.method, vfm=args.vfm, vfm_checkpoint=args.vfm_checkpoint, masks_dir=getattr(args, "masks_dir", None),
+        mask_generator=getattr(args, "mask_generator", None), mask_model=getattr(args, "mask_model", None),
+        images=images, dataset=dataset, any_vfm=any_vfm, masks_required=True,
+    )  # fmt: skip
+
+
+def read_classes(args) -> list[list[str]]:
+    """The class list of --classes or --classes-file, checked before any model loads."""
+    from ..classes import parse_class_string, read_class_file
+    from ..errors import first_line
+
+    if args.classes and args.classes_file:
+        raise OvdenseError("give --classes or --classes-file, not both")
+    if args.classes is None and not args.classes_file:
+        raise OvdenseError('no classes: pass --classes "sky; person, person in shirt; tree" or --classes-file')
+    try:
+        # Checked here, before any model loads; its warnings come once, when the segmenter takes the list.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return read_class_file(args.classes_file) if args.classes_file else parse_class_string(args.classes)
+    except (ValueError, OSError) as err:
+        raise OvdenseError(first_line(err)) from None
+
+
+def check_images(paths: list[str]) -> list[Path]:
+    """Decode every image before anything is written, so a bad file stops the run with nothing half-done."""
+    from ..images import decode_image
+
+    for raw in paths:
+        decode_image(raw)
+    return [Path(p) for p in paths]
+
+
+def apply_max_pixels(args) -> None:
+    """Check --max-pixels and make it the decoding limit of this run."""
+    if getattr(args, "max_pixels", None) is None:
+        return
+    if args.max_pixels < 0:
+        raise OvdenseError("--max-pixels must be >= 0 (0 = no limit)")
+    from ..images import MAX_PIXELS_ENV
+
+    # Through the environment, so DataLoader workers (forked or spawned) decode under the same limit.
+    os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
+
+
+def warn_test_model(name: str) -> None:
+    """The banner for a random test architecture (its predictions mean nothing)."""
+    bar = "!" * 78
+    print(
+        f"{bar}\nWARNING: {name} is a RANDOM test architecture. Its predictions are meaningless;\n"
+        f"use it for tests and smoke runs only.\n{bar}",
+        file=sys.stderr,
+    )
+
+
+def load_for_cli(args, verbose: bool = True):
+    """Load the weights the flags name, or the method's default (said in a note); say so loudly for test archs,
+    and pass on the loader's notes.
+
+    Returns:
+        ``(loaded, weights)``: the :class:`~ovdense.weights.LoadedModel` and the
+        :class:`~ovdense.weights.WeightsChoice` it was loaded from.
+    """
+    from ..weights import load_model, resolve_weights
+
+    spec = get_method(args.method)
+    weights = resolve_weights(args.model, args.pretrained, args.checkpoint, spec.model, spec.pretrained)
+    loaded = load_model(weights.model, pretrained=weights.pretrained, checkpoint=weights.checkpoint, device=args.device)
+    if verbose:
+        if weights.chosen:
+            print(f"note: {args.method}: using the {weights.chosen}", file=sys.stderr)
+        if loaded.is_test_model:
+            warn_test_model(weights.model)
+        for note in loaded.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return loaded, weights
+
+
+def load_vfm_for_cli(args, device, verbose: bool = True):
+    """The VFM of --vfm (else the method's) on ``device``; the banner for a random test VFM."""
+    from ..vfm import load_vfm
+
+    vfm = load_vfm(args.vfm or get_method(args.method).vfm, checkpoint=args.vfm_checkpoint, device=device)
+    if verbose and vfm.is_test_model:
+        warn_test_model(f"the VFM {vfm.name}")
+    return vfm
+
+
+def segmenter_options(args, vfm=None) -> dict:
+    """The keyword arguments of :meth:`ovdense.Segmenter.from_model` the flags name (``vfm``: a loaded VFM to use
+    instead of --vfm's name). --vfm goes to a method that uses a VFM; ``attention`` shows it beside any other."""
+    uses_vfm = get_method(args.method).uses_vfm
+    return dict(
+        precision=args.precision,
+        window_batch=args.window_batch,
+        text_cache_dir=False if args.text_cache == "off" else args.text_cache,
+        vfm=(vfm if vfm is not None else args.vfm) if uses_vfm else None,
+        vfm_checkpoint=args.vfm_checkpoint if uses_vfm else None,
+        masks_dir=getattr(args, "masks_dir", None),
+        mask_generator=getattr(args, "mask_generator", None),
+        mask_model=getattr(args, "mask_model", None),
+        **preset_overrides(args),
+        **method_options(args),
+    )
+
+
+def segmenter(args, loaded, weights, dataset: str | None = None, vfm=None, verbose: bool = True):
+    """The :class:`ovdense.Segmenter` the flags name, on weights :func:`load_for_cli` loaded: what
+    ``Segmenter.from_pretrained`` builds from the same arguments."""
+    from ..predictor import Segmenter
+
+    spec = get_method(args.method)
+    if spec.uses_vfm and vfm is None:
+        vfm = load_vfm_for_cli(args, next(loaded.model.parameters()).device, verbose)
+    return Segmenter.from_model(loaded, args.method, dataset, weights=weights, **segmenter_options(args, vfm))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,47 @@
+"""``ovdense convert {coco-stuff,coco-object,cityscapes,pascal-context}``: build the benchmark label PNGs the eval
+readers expect (the conversions themselves live in :mod:`ovdense.eval.convert`)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    """Add ``ovdense convert {coco-stuff,coco-object,cityscapes,pascal-context}`` to the CLI's subparsers."""
+    conv = subparsers.add_parser("convert", help="build the benchmark label PNGs the eval readers expect")
+    sub = conv.add_subparsers(dest="convert_dataset", required=True, metavar="DATASET")
+    helps = {
+        "coco-stuff": "COCO-Stuff164k stuffthingmaps -> *_labelTrainIds.png (171 classes, as mmseg)",
+        "coco-object": "COCO-Stuff164k stuffthingmaps -> *_instanceTrainIds.png (bg + 80 things, as SCLIP)",
+        "cityscapes": "gtFine *_labelIds.png -> *_gtFine_labelTrainIds.png (19 classes)",
+        "pascal-context": "trainval_merged.json (or trainval/*.mat) -> VOC2010/SegmentationClassContext + splits",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument(
+            "--data-root",
+            default="data",
+            help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/ (or that folder)",
+        )
+        p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+        p.add_argument("--workers", type=int, default=None, help="threads (default: up to 8)")
+        if name == "pascal-context":
+            p.add_argument("--source", default=None, help="trainval_merged.json or a folder of trainval/*.mat")
+        p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..eval.convert import convert_cityscapes, convert_coco_object, convert_coco_stuff, convert_pascal_context
+
+    kw = {"overwrite": args.overwrite, "workers": args.workers}
+    if args.convert_dataset == "pascal-context":
+        result = convert_pascal_context(args.data_root, source=args.source, **kw)
+    else:
+        fn = {
+            "coco-stuff": convert_coco_stuff,
+            "coco-object": convert_coco_object,
+            "cityscapes": convert_cityscapes,
+        }
+        result = fn[args.convert_dataset](args.data_root, **kw)
+    print(f"{args.convert_dataset}: {result}", file=sys.stderr)
+    return 0
