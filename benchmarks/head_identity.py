@@ -149,9 +149,7 @@ def method_uses_masks(method: str) -> bool:
 def build_segmenter(arch: str, method: str, vfm: str | None, options: dict):
     from ovdense.predictor import Segmenter
 
-    return Segmenter.from_pretrained(
-        arch, method=method, text_cache_dir=False, device="cpu", vfm=vfm, **options
-    )
+    return Segmenter.from_pretrained(arch, method=method, text_cache_dir=False, device="cpu", vfm=vfm, **options)
 
 
 def segment(seg, image: np.ndarray, masks: np.ndarray | None, classes: str, points, layers) -> dict:

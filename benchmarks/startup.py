@@ -53,6 +53,7 @@ def main() -> None:
             ("ovdense --version", [*ovdense, "--version"], 0),
             ("ovdense list-methods", [*ovdense, "list-methods"], 0),
             ("ovdense segment (argument error)", [*ovdense, "segment", "x.jpg", "--method", "nope", "--out", "o"], 2),
+            ("ovdense segment (a value out of range)", [*ovdense, "segment", "x.jpg", "--prob-thd", "2"], 2),
             ("ovdense segment, 1 image, tiny model", segment, 0),
         ]
         wall(rows[0][1], 1, env)  # warm the file cache for torch's shared libraries

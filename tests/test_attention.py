@@ -94,6 +94,25 @@ def test_affinity_peaks_at_the_point_and_cls_row_is_the_image_embedding(tiny_vit
     np.testing.assert_allclose(maps.affinity[0], torch.einsum("c,chw->hw", embedding, dense).numpy(), atol=2e-6)
 
 
+@torch.no_grad()
+def test_head_attention_and_affinity_share_one_grid(tiny_vit):
+    # The attention pass's input is rounded to whole patches of every tower in it (16 and DINOv2's 14: 112), the
+    # windows' map is not: on this photo at short side 448, a 448 x 560 pass against a 448 x 597 image.
+    seg = make(tiny_vit, "sclip", short_side=448)
+    seg.set_image(PHOTO)
+    maps = seg.attention_maps(POINTS, layers=[1], vfm=load_vfm("test-dinov2"))
+    dense = seg.dense_features()
+    assert tuple(dense.shape[-2:]) == (28, 37)
+    assert maps.head.shape[-2:] == maps.affinity.shape[-2:] == maps.clip.shape[-2:] == (28, 35)
+    # The affinity: the windows' features resampled to the head's grid, each point's cell against the others.
+    feats = F.normalize(F.interpolate(dense[None], size=(28, 35), mode="bilinear", align_corners=False)[0], dim=0)
+    for i, p in enumerate(POINTS):
+        r, c = token_at(p, PHOTO.shape[:2], (28, 35))
+        want = torch.einsum("c,chw->hw", feats[:, r, c], feats).numpy()
+        np.testing.assert_allclose(maps.affinity[1 + i], want, atol=2e-6)
+        assert abs(maps.affinity[1 + i, r, c] - 1) < 1e-5
+
+
 def test_crafted_model_attention_peaks_at_the_clicked_token(tmp_path):
     seg = Segmenter.from_pretrained(
         "ovdense-test-vit", checkpoint=save_self_attending(tmp_path / "self.safetensors"), text_cache_dir=False
@@ -237,6 +256,19 @@ def test_cli_attention_writes_grid_maps_and_json(tmp_path, capsys):
     assert grid.height > 3 * 90 and grid.width > 6 * 120
 
 
+def test_cli_attention_maps_of_one_image_share_one_grid(tmp_path, capsys):
+    img = tmp_path / "voc.jpg"
+    Image.fromarray(PHOTO).save(img)
+    out = tmp_path / "out"
+    argv = ["attention", str(img), "--points", "100,50", "--method", "declip", "--model", "ovdense-test-vit",
+            "--vfm", "test-dinov2", "--out", str(out), "--text-cache", "off", "--layers", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    arrays = json.loads((out / "voc_attention.json").read_text())["arrays"]
+    head, affinity = arrays["voc_head.npy"], arrays["voc_affinity.npy"]
+    assert head == affinity == [2, 28, 35] and arrays["voc_clip.npy"][-2:] == head[-2:], arrays
+    assert np.load(out / "voc_affinity.npy").shape == np.load(out / "voc_head.npy").shape
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -245,7 +277,7 @@ def test_cli_attention_writes_grid_maps_and_json(tmp_path, capsys):
         (["--points", "1,1", "--layers", "1,x"], "--layers: expected block numbers"),
         (["--points", "1,1", "--layers", "9"], "--layers: ovdense-test-vit has blocks 1..3"),
         (["--points", "1,1", "--method", "resclip"], "no classes"),
-        (["--points", "1,1", "--cell-height", "0"], "--cell-height must be at least 16"),
+        (["--points", "1,1", "--cell-height", "0"], "cell_height must be an integer >= 16, got 0"),
     ],
 )
 def test_cli_attention_bad_input_is_one_line(tmp_path, capsys, extra, message):
@@ -253,7 +285,11 @@ def test_cli_attention_bad_input_is_one_line(tmp_path, capsys, extra, message):
     Image.fromarray(PHOTO).save(img)
     out = tmp_path / "out"
     argv = ["attention", str(img), "--model", "ovdense-test-vit", "--out", str(out), "--text-cache", "off"] + extra
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # refused while the arguments are parsed: the same one line
+        code = exit_.code
+    assert code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ovdense: error")]
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and message in err[0], err
     assert not out.exists() or not any(out.iterdir())

@@ -58,6 +58,8 @@ def toy_registered():
     )(ToyValueHead)
     yield
     unregister_method("toy_value")
+
+
 IMAGES = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))  # SC-CLIP's LOF needs > 30 patches
 
 

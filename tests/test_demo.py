@@ -102,6 +102,21 @@ def test_session_errors_are_one_line(crafted, tmp_path):
         session(crafted, tmp_path, methods=("proxyclip",))
 
 
+def test_read_image_names_the_uploaded_file(tmp_path):
+    folder = tmp_path / "gradio" / "0123abcd"  # where Gradio keeps an upload: the file keeps its own name
+    folder.mkdir(parents=True)
+    notes = folder / "notes.jpg"
+    notes.write_text("this is not a jpeg")
+    with pytest.raises(OvdenseError) as info:
+        DemoSession.read_image(str(notes))
+    assert str(info.value) == "cannot read image notes.jpg: not a recognised image format"
+    with pytest.raises(OvdenseError, match="upload an image first"):
+        DemoSession.read_image(None)
+    rgba = np.zeros((20, 30, 4), np.uint8)  # transparent black: composited over white, as the command line does
+    Image.fromarray(rgba).save(folder / "clear.png")
+    assert (DemoSession.read_image(folder / "clear.png") == 255).all()
+
+
 def test_examples_ship_with_the_package():
     examples = example_images()
     assert len(examples) == 3
@@ -117,13 +132,17 @@ def test_examples_ship_with_the_package():
         (["--methods", "sclip,segformer"], "--methods: expected a comma list"),
         (["--methods", "corrclip"], "add --mask-generator sam"),
         (["--methods", "sclip", "--mask-generator", "sam"], "apply to corrclip"),
-        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--port", "70000"], "--port: port must be an integer in [1, 65535], got 70000"),
     ],
 )
 def test_cli_demo_bad_flags_are_one_line(argv, message, capsys):
-    assert main(["demo", "--model", "ovdense-test-vit"] + argv) == 2
+    try:
+        code = main(["demo", "--model", "ovdense-test-vit"] + argv)
+    except SystemExit as exit_:  # refused while the arguments are parsed (a range or a closed set)
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and err[0].startswith("ovdense: error: ") and message in err[0], err
 
 
 def test_cli_demo_without_gradio_says_how_to_install(monkeypatch, capsys):
@@ -266,3 +285,46 @@ def test_demo_in_a_real_browser(crafted, tmp_path, monkeypatch):
             browser.close()
     finally:
         app.close()
+
+
+def test_demo_says_what_is_wrong_with_an_upload(crafted, tmp_path, monkeypatch, capfd):
+    """A file that is no image: its one-line message in the page, nothing in the server log."""
+    _chromium_or_skip()
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from playwright.sync_api import sync_playwright
+
+    from ovdense.demo import build_app
+
+    app = build_app(session(crafted, tmp_path / "files", methods=("sclip",)))
+    port = _free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a jpeg")
+    photo = tmp_path / "voc.jpg"
+    Image.fromarray(PHOTO).save(photo, quality=95)
+    capfd.readouterr()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#image input[type=file]", str(bad))
+            page.fill("#classes textarea", CLASSES)
+            page.click("#run")
+            message = "cannot read image notes.jpg: not a recognised image format"
+            page.get_by_text(message, exact=True).first.wait_for(timeout=60_000)
+            assert page.locator("#legend .legend-entry").count() == 0
+            # A message quoting what was typed shows it as text (Gradio renders error messages as HTML).
+            page.set_input_files("#image input[type=file]", str(photo))
+            page.wait_for_selector("#image img", timeout=30_000)
+            page.fill("#classes textarea", "<em>cat; <em>cat")
+            page.click("#run")
+            message = "classes: duplicate class '<em>cat' (classes 0 and 1)"
+            page.get_by_text(message, exact=True).first.wait_for(timeout=60_000)
+            browser.close()
+    finally:
+        app.close()
+    log = capfd.readouterr()
+    for noise in ("Traceback", "UnidentifiedImageError", "ComponentProcessingError", "Error"):
+        assert noise not in log.err and noise not in log.out, (noise, log.err[-2000:])

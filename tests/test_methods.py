@@ -20,6 +20,7 @@ from ovdense.methods import (
     register_method,
 )
 from ovdense.presets import get_preset
+from ovdense.ranges import Range
 
 BUILT_IN = ["sclip", "naclip", "clearclip", "declip", "scclip", "resclip", "proxyclip", "corrclip", "clip", "maskclip"]
 
@@ -55,11 +56,12 @@ def test_options_come_from_the_heads_signature_and_docstring():
     assert declip.default == "csa" and declip.choices == MODES and "q-q + k-k" in declip.help
     resclip = get_method("resclip").options
     blocks = resclip["rcs_blocks"]
-    assert blocks == OptionSpec("rcs_blocks", (6, 7, 8, 9), "tuple[int, ...]", blocks.help) and blocks.kind == "ints"
+    assert blocks == OptionSpec("rcs_blocks", (6, 7, 8, 9), "tuple[int, ...]", blocks.help, Range(1))
+    assert blocks.kind == "ints"
     assert resclip["rcs_tau"].help == resclip["rcs_lambda"].help != ""  # "rcs_tau, rcs_lambda: ..." in Args
     assert resclip["delete_same_entity"].parse("off", "resclip") is False
     assert resclip["pamr_dilations"].parse("4,8", "resclip") == (4, 8)
-    with pytest.raises(ValueError, match="method 'resclip' option 'temp_thd': expected float"):
+    with pytest.raises(ValueError, match=r"temp_thd \(resclip\) must be a finite number in \[0, 1\], got 'high'"):
         resclip["temp_thd"].parse("high", "resclip")
 
 
@@ -97,13 +99,15 @@ def test_registration_rules(tmp_path):
                 pass
 
     bad = tmp_path / "bad.py"
-    bad.write_text(textwrap.dedent("""
+    bad.write_text(
+        textwrap.dedent("""
         SETTINGS = {"crop": 0}
 
         @register_method("bad", summary="x", defaults=SETTINGS)
         class Bad:
             pass
-    """))
+    """)
+    )
     with pytest.raises(ValueError, match="bad.py: Bad: register_method's arguments must be literals"):
         read_registrations(bad, "somewhere.bad")
 

@@ -1,5 +1,7 @@
 """Segmenter.classify_regions: box, mask and crop features against the references' pipeline written out here."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,9 @@ def test_mask_features_are_the_masked_mean(tiny_eva):
     masks[0, 10:60, 5:50] = True
     masks[1, 50:, :] = True
     masks[2, 0:3, 0:3] = True  # smaller than a grid cell
-    result = seg.classify_regions(CLASSES, masks=masks, image_size=SIZE)
+    # The references pool it to a zero vector (kept, so the benchmark's numbers are theirs), and we say so once.
+    with pytest.warns(regions.RegionWarning, match=r"^masks: mask 2 falls between the cells of the 10 x 10 feature"):
+        result = seg.classify_regions(CLASSES, masks=masks, image_size=SIZE)
     fmap, _ = dense_map(seg, SIZE)
     h, w = fmap.shape[-2:]
     tokens = fmap[0].flatten(1).T
@@ -94,7 +98,44 @@ def test_mask_features_are_the_masked_mean(tiny_eva):
 
 
 def masks_on_grid_count(mask, grid):
-    return int(regions.masks_on_grid(torch.from_numpy(mask)[None], grid).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regions.RegionWarning)
+        return int(regions.masks_on_grid(torch.from_numpy(mask)[None], grid).sum())
+
+
+def test_empty_masks_are_refused_by_index(tiny_vit):
+    seg = make(tiny_vit, "sclip")
+    seg.set_image(IMAGE)
+    masks = np.zeros((5, 90, 130), dtype=bool)
+    masks[:, 10:60, 5:50] = True
+    masks[3] = False
+    with pytest.raises(InvalidArgumentError, match=r"^masks: mask 3 is empty \(no pixel set\)"):
+        seg.classify_regions(CLASSES, masks=masks, image_size=SIZE)
+    masks[1] = False
+    with pytest.raises(InvalidArgumentError, match=r"^masks: masks 1, 3 are empty"):
+        seg.classify_regions(CLASSES, masks=masks.astype(np.uint8), image_size=SIZE)
+    assert len(seg.classify_regions(CLASSES, masks=np.zeros((0, 90, 130), bool), image_size=SIZE)) == 0
+
+
+def test_masks_lost_on_the_grid_warn_once_naming_them(tiny_vit):
+    seg = make(tiny_vit, "sclip")
+    seg.set_image(IMAGE)
+    masks = np.zeros((4, 90, 130), dtype=bool)
+    masks[0, 10:60, 5:50] = True
+    masks[1, 0:3, 0:3] = True  # a corner smaller than a cell of the 10 x 10 grid at SIZE
+    masks[3, 0:2, 127:130] = True
+    masks[2, 40:80, 60:120] = True
+    assert masks_on_grid_count(masks[1], 10) == masks_on_grid_count(masks[3], 10) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = seg.classify_regions(CLASSES, masks=masks, image_size=SIZE)
+    lost = [w for w in caught if issubclass(w.category, regions.RegionWarning)]
+    assert len(lost) == 1 and str(lost[0].message).startswith("masks: masks 1, 3 fall between the cells"), lost
+    assert "raise image_size" in str(lost[0].message)
+    torch.testing.assert_close(result.probs[1], torch.full((len(CLASSES),), result.probs[1, 0].item()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", regions.RegionWarning)
+        seg.classify_regions(CLASSES, masks=masks[1:2], image_size=64 * 16)  # at the default size it is a cell
 
 
 def test_crop_features_run_the_vanilla_tower_on_enlarged_crops(tiny_vit):

@@ -467,3 +467,12 @@ def test_an_unusable_out_fails_before_any_model_loads(images, tmp_path, monkeypa
                 Trainer.from_config(config(images, locked / "run"))
         finally:
             locked.chmod(0o700)
+
+
+def test_a_run_that_can_be_continued_is_not_overwritten(images, tmp_path, no_tensorboard):
+    out = tmp_path / "run"
+    Trainer.from_config(config(images, out, epochs=1)).fit()
+    before = {p: p.read_bytes() for p in sorted((out / "checkpoints").iterdir())}
+    with pytest.raises(OvdenseError, match=f"{out} holds a run that can be continued: pass --resume {out}"):
+        Trainer.from_config(config(images, out, epochs=1))
+    assert {p: p.read_bytes() for p in sorted((out / "checkpoints").iterdir())} == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import time
 from types import SimpleNamespace
 
@@ -535,3 +536,50 @@ def test_cuda_without_cuda(monkeypatch):
 def test_unknown_device():
     with pytest.raises(OvdenseError, match=r"unknown device 'gpu0'"):
         load_model(VIT, device="gpu0")
+
+
+class _PickledByReference:  # a raw pickle of it names this module and class
+    pass
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling it would run os.system: read_checkpoint must refuse it unopened
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_raw_pickles_are_refused_in_our_words_without_torch_warnings(tmp_path, protocol):
+    import warnings
+
+    marker = tmp_path / "ran"
+    for obj, named in ((_PickledByReference(), "test_weights._PickledByReference"), (_RunsACommand(marker), "system")):
+        path = tmp_path / "raw.pt"
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(OvdenseError) as info:
+                read_checkpoint(path)
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {path} is not a weights file that loads safely: it contains Python ")
+        assert named in message and "safetensors" in message and "\n" not in message
+        assert not caught, [str(w.message) for w in caught]  # torch's "pickle protocol 4" note stays inside
+    assert not marker.exists()
+
+
+def test_pickles_of_plain_values_and_non_weights_files(tmp_path):
+    path = tmp_path / "numbers.pt"
+    path.write_bytes(pickle.dumps([1, 2, 3], protocol=4))  # no object, yet beyond what torch's safe loader reads
+    with pytest.raises(OvdenseError, match=r"is not a weights file that loads safely: it is a Python pickle"):
+        read_checkpoint(path)
+    path.write_text("model weights\n")
+    with pytest.raises(OvdenseError, match=r"^cannot read checkpoint .*numbers\.pt: not a PyTorch weights file"):
+        read_checkpoint(path)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy)[0]["w"].tolist() == [1.0, 1.0, 1.0]  # the old torch.save format still reads
+    legacy.write_bytes(legacy.read_bytes()[:40])
+    with pytest.raises(OvdenseError, match=r"^cannot read checkpoint .*legacy\.pt: a damaged or truncated pickle"):
+        read_checkpoint(legacy)

@@ -10,10 +10,16 @@
 
 from __future__ import annotations
 
-import importlib
+# First: a Ctrl-C while the command line starts is one line, not a traceback (only when ovdense is the program).
+from .startup import guard_startup, run_as_program
 
-from .errors import OvdenseError
-from .methods import list_methods
+if run_as_program():
+    guard_startup()
+
+import importlib  # noqa: E402
+
+from .errors import OvdenseError  # noqa: E402
+from .methods import list_methods  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,5 @@
+"""``python -m ovdense``: the command line (:mod:`ovdense.cli`); the package's start-up guard is in place."""
+
 import sys
 
 from .cli import main

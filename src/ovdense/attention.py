@@ -7,7 +7,9 @@ For one image (the network-size input of a :class:`~ovdense.predictor.Segmenter`
 - **head attention**: what the method's dense head applies in its last block instead (SCLIP's q-q + k-k,
   DeCLIP's, ProxyCLIP's VFM proxy, ... ; MaskCLIP's is the identity), averaged over heads.
 - **affinity**: the cosine between the token's final dense feature and every other one (the window-assembled
-  map of :meth:`~ovdense.predictor.Segmenter.dense_features`); for the [CLS] row, CLIP's image embedding.
+  map of :meth:`~ovdense.predictor.Segmenter.dense_features`, resampled bilinearly to the head's grid when the
+  windows' map has another size, so both maps of the method share one grid); for the [CLS] row, CLIP's image
+  embedding.
 - with a VFM (DINO / DINOv2), its last block's attention and the cosine affinity of its features.
 
 :func:`attention_pass` runs the towers once and keeps every token's maps; :func:`maps_at` reads the rows of
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 
-__all__ = ["AttentionMaps", "AttentionPass", "attention_pass", "check_points", "maps_at", "token_at"]
+__all__ = ["AttentionMaps", "AttentionPass", "attention_pass", "check_points", "maps_at", "on_grid", "token_at"]
 
 
 @dataclass
@@ -70,7 +72,8 @@ class AttentionMaps:
             attention paid to prefix tokens is not shown, so a row sums to at most 1).
         head: (1 + P) x h' x w', the method's last-block attention; the [CLS] row is NaN for heads whose output
             has no [CLS] (ProxyCLIP, CorrCLIP, SC-CLIP). None when the head records none.
-        affinity: (1 + P) x h'' x w'', cosines in the final dense features ([CLS] row: the image embedding).
+        affinity: (1 + P) x h' x w', cosines in the final dense features ([CLS] row: the image embedding), on
+            the head's grid.
         vfm_attention, vfm_affinity: (1 + P) x hv x wv, or None without a VFM.
         method: the head's name; ``vfm``: the VFM's name or None.
         image_size: (H0, W0) of the original image.
@@ -144,6 +147,15 @@ def _affinity(query_first: torch.Tensor, normalized: torch.Tensor, cells: list[t
     return torch.einsum("pc,chw->phw", queries.float(), normalized.float()).cpu().numpy()
 
 
+def on_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """D x h x w features on an h' x w' grid spread over the same image (bilinear, cell centres aligned), float32;
+    the features themselves when the grids agree."""
+    features = features.float()
+    if tuple(features.shape[-2:]) == tuple(grid):
+        return features
+    return F.interpolate(features[None], size=tuple(grid), mode="bilinear", align_corners=False)[0]
+
+
 def maps_at(
     result: AttentionPass,
     points: np.ndarray,
@@ -159,7 +171,9 @@ def maps_at(
         result: :func:`attention_pass` of the image.
         points: P x 2 (x, y) in pixels of the original image (:func:`check_points`).
         image_size: (H0, W0) of the original image (the pass's input is the same picture resized).
-        dense: D x h x w final dense features (need not be unit vectors).
+        dense: D x h x w final dense features (need not be unit vectors), on any grid over the image: the
+            affinity is computed on the head's grid (:func:`on_grid`), so the head's attention and the affinity
+            of one image share one grid.
         layers: CLIP blocks to keep (each in ``result.clip``).
         method, vfm_name: names for the columns.
     """
@@ -169,8 +183,8 @@ def maps_at(
     if result.head is not None:
         head_cells = [token_at(p, image_size, result.head_grid) for p in points]
         head = _rows(result.head, result.head_prefix, result.head_grid, head_cells)
-    unit = F.normalize(dense.float(), dim=0)
-    dense_cells = [token_at(p, image_size, tuple(unit.shape[-2:])) for p in points]
+    unit = F.normalize(on_grid(dense, result.head_grid), dim=0)
+    dense_cells = [token_at(p, image_size, result.head_grid) for p in points]
     affinity = _affinity(result.embedding.to(unit.device), unit, dense_cells)
     vfm_attention = vfm_affinity = None
     if result.vfm_attention is not None:

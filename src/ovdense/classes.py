@@ -90,12 +90,21 @@ def read_class_file(path: str | os.PathLike) -> list[list[str]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: no classes, an empty name, a name twice in a class, or a class twice (names the file).
+        ValueError: not UTF-8 text, no classes, an empty name, a name twice in a class, or a class twice (names
+            the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Notepad's UTF-8) is not part of the first name
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: the class file is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the class file has no classes")
     return validate_classes([line.split(",") for line in lines], where=str(path))

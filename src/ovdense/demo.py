@@ -20,6 +20,7 @@ import html
 import json
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,20 @@ class DemoSession:
     @property
     def num_blocks(self) -> int:
         return self.loaded.tower.num_blocks
+
+    @staticmethod
+    def read_image(path: str | Path | None) -> np.ndarray:
+        """The uploaded file as the command line reads images (:func:`ovdense.images.decode_image`: EXIF, 16 bits,
+        transparency, the pixel limit), its messages naming the file as uploaded (not the server's copy).
+
+        Raises:
+            OvdenseError: no file, not an image, damaged, over the pixel limit (one line).
+        """
+        from .images import decode_image
+
+        if path is None:
+            raise InvalidArgumentError("upload an image first (or pick an example)")
+        return decode_image(path, what=Path(path).name)
 
     def _check_methods(self, methods: Sequence[str]) -> list[str]:
         methods = [m for m in methods or () if m]
@@ -304,19 +319,41 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
     """The Gradio page of a :class:`DemoSession` (a ``gradio.Blocks``; call ``.launch()``)."""
     import gradio as gr
 
-    from .images import decode_image
-
     methods = session.methods
     chosen = list(default_methods) if default_methods else methods[:2]
     examples = example_images()
 
+    def page_error(message: str):
+        """The one-line message in the page (Gradio renders it as HTML: a file name is text), and no traceback in
+        the server log: it is the user's input, not a fault of the server."""
+        return gr.Error(html.escape(" ".join(str(message).split())), print_exception=False)
+
+    def hand_over_as_uploaded(component) -> None:
+        """Let the image component hand the uploaded file's path over as it is. Gradio's own check opens it with
+        Pillow and, for a file that is no image (or one over Pillow's bomb limit), fails before our handler, with
+        bare "Error" badges and a traceback in the server log; :meth:`DemoSession.read_image` reads it instead and
+        says what is wrong, in one line on the page. (An instance attribute: a ``gr.Image`` subclass would make
+        Gradio write a ``.pyi`` stub next to this module.)"""
+        own = component.preprocess
+
+        def preprocess(payload):
+            try:
+                with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: read_image decides
+                    warnings.simplefilter("ignore")
+                    return own(payload)
+            except Exception:
+                path = getattr(payload, "path", None)
+                if path is None:
+                    raise page_error("cannot read the uploaded file; upload an image (JPEG, PNG, ...)") from None
+                return str(path)
+
+        component.preprocess = preprocess
+
     def read(path):
-        if path is None:
-            raise gr.Error("upload an image first (or pick an example)")
         try:
-            return decode_image(path)
+            return session.read_image(path)
         except OvdenseError as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(err) from None
 
     def on_segment(path, classes, picked, threshold, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
         image = read(path)
@@ -325,7 +362,7 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
                 image, classes, picked, progress=lambda f, d: progress(f, desc=d), prob_thd=threshold
             )
         except OvdenseError as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(err) from None
         gallery = [(v.overlay, v.method) for v in views]
         files = [f for v in views for f in v.files]
         return gallery, legend_html(views), files
@@ -335,7 +372,7 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
         try:
             views = session.attention(image, point, layer, classes, picked)
         except OvdenseError as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(err) from None
         gallery = [(v.picture, v.title) for v in views]
         lines = [f"point ({point[0]:g}, {point[1]:g})"] + [
             f'<li class="peak" data-title="{html.escape(v.title)}" data-x="{v.peak[0]:.1f}" data-y="{v.peak[1]:.1f}">'
@@ -368,8 +405,10 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
             gr.HTML(f'<div id="model-warning" style="color:#b00;font-weight:bold">{html.escape(session.warning)}</div>')
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image (click a point: attention below)", elem_id="image",
-                                 sources=["upload", "clipboard"])  # fmt: skip
+                # image_mode=None: the file as uploaded, decoded as the command line decodes it (read_image).
+                image = gr.Image(type="filepath", image_mode=None, label="image (click a point: attention below)",
+                                 elem_id="image", sources=["upload", "clipboard"])  # fmt: skip
+                hand_over_as_uploaded(image)
                 classes = gr.Textbox(label="classes", value=EXAMPLES[0][1], elem_id="classes")
                 picked = gr.CheckboxGroup(methods, value=chosen, label="methods", elem_id="methods")
                 threshold = gr.Slider(

@@ -1,5 +1,6 @@
-"""Files written whole or not at all (a temp file beside the target, then ``os.replace``), output folders
-checked before work starts, and output file names that never collide."""
+"""Files written whole or not at all (a temp file beside the target, then ``os.replace``), output folders and
+planned output files checked before work starts (:func:`check_outputs`: never an input, never an existing file
+unless asked), and output file names that never collide."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import signal
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -76,6 +78,87 @@ def check_output_dir(path, flag: str = "--out") -> Path:
     except OSError as err:
         raise OvdenseError(f"{flag} {path} cannot be written ({err.strerror or err}: {probe})") from None
     return path
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of an existing file (symlinks followed), what ``os.path.samefile`` compares; else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _path_key(path: Path) -> str:
+    """The resolved path (symlinks followed), case-folded: equal for two spellings of one file on a
+    case-insensitive file system (and, conservatively, for two names differing only in case elsewhere)."""
+    return os.path.normcase(os.path.realpath(path)).casefold()
+
+
+def check_outputs(outputs, inputs=(), overwrite: bool = False, overwrite_flag: str = "--overwrite") -> None:
+    """Check, before any work starts, the files a run plans to write against the files it reads and those already
+    there.
+
+    Refused, whatever ``overwrite`` says: an output that is one of the ``inputs`` (it would be replaced, then
+    perhaps read back damaged), an output that is an existing folder, two outputs that are one file. Without
+    ``overwrite``, also any output that already exists (a file, or a link, even a dangling one): the message names
+    the first and says how many there are. Paths are compared as the file system does: with
+    ``os.path.samefile``'s identity (device and inode, symlinks followed) where both files exist, else by
+    resolved paths with case folded (case-insensitive file systems), which may refuse two names that differ only in
+    case on a case-sensitive one.
+
+    Args:
+        outputs: the paths the run will write; or ``{path: source}``, naming in the message the input each output
+            is written for.
+        inputs: the paths the run reads (images, class lists, weights...); ones that do not exist are compared
+            by path only.
+        overwrite: whether existing outputs may be replaced.
+        overwrite_flag: the flag to name in the message (the command line's ``--overwrite``).
+
+    Raises:
+        OvdenseError: one line naming the output (and the input it would replace).
+    """
+    from .errors import OvdenseError
+
+    sources = {Path(p): s for p, s in outputs.items()} if isinstance(outputs, Mapping) else {}
+    outputs = [Path(p) for p in outputs]
+    by_identity: dict[tuple[int, int], Path] = {}
+    by_key: dict[str, tuple[Path, bool]] = {}  # resolved, case-folded path -> (input, whether it exists)
+    for path in map(Path, inputs):
+        ident = _identity(path)
+        if ident is not None:
+            by_identity.setdefault(ident, path)
+        by_key.setdefault(_path_key(path), (path, ident is not None))
+    seen: dict[str, Path] = {}
+    existing: list[Path] = []
+    for path in outputs:
+        key = _path_key(path)
+        if key in seen:
+            raise OvdenseError(f"two outputs of this run are one file: {seen[key]} and {path}")
+        seen[key] = path
+        ident = _identity(path)
+        replaced = by_identity.get(ident) if ident is not None else None
+        if replaced is None:
+            candidate, candidate_exists = by_key.get(key, (None, False))
+            if ident is None or not candidate_exists:  # where both exist, their identity alone decides
+                replaced = candidate
+        if replaced is not None:
+            of = f" (of {sources[path]})" if sources.get(path) is not None else ""
+            raise OvdenseError(
+                f"the output {path}{of} would replace the input {replaced}; write the outputs to another folder "
+                "(--out) or rename the input"
+            )
+        if os.path.lexists(path):
+            if path.is_dir():
+                raise OvdenseError(f"the output {path} is an existing folder; move it or write to another --out")
+            existing.append(path)
+    if existing and not overwrite:
+        count = f"{len(existing)} of this run's {len(outputs)} outputs"
+        count += " exist" if len(existing) > 1 else ""
+        raise OvdenseError(
+            f"the output {existing[0]} already exists ({count}); pass {overwrite_flag} to replace, or write to another "
+            "--out"
+        )
 
 
 @contextlib.contextmanager

@@ -63,11 +63,16 @@ def as_region_map(regions, size: tuple[int, int] | None = None, what: str = "mas
     return arr.astype(np.int64)
 
 
-def read_region_map(path: str | os.PathLike) -> np.ndarray:
+def read_region_map(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A CorrCLIP mask file: ``np.load(path)["instance_mask"]``, H x W int64.
 
+    Args:
+        path: the ``.npz`` file.
+        size: the image's (H, W): the map must have it (the message names the file).
+
     Raises:
-        OvdenseError: missing or unreadable file, no ``instance_mask``, or not an H x W integer array.
+        OvdenseError: missing or unreadable file, no ``instance_mask``, not an H x W integer array, or not of
+            ``size``; every message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,7 +87,7 @@ def read_region_map(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise OvdenseError(f"cannot read mask file {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
     try:
-        return as_region_map(arr, what=f"mask file {path}")
+        return as_region_map(arr, size, what=f"mask file {path}")
     except InvalidArgumentError as err:
         raise OvdenseError(str(err)) from None
 

@@ -33,8 +33,11 @@ import ast
 import importlib
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from . import ranges
+from .ranges import Range
 
 __all__ = [
     "MethodSpec",
@@ -65,12 +68,15 @@ class OptionSpec:
         default: its default value.
         annotation: its type as written (``"float"``, ``"Literal['csa', 'qq']"``, ``"tuple[int, ...]"``).
         help: its line of the head docstring's ``Args:`` section ("" when it has none).
+        range: the values a number (each item of a sequence) accepts: the registration's ``ranges`` entry; numbers
+            without one are only required to be finite.
     """
 
     name: str
     default: object
     annotation: str
     help: str = ""
+    range: Range | None = None
 
     @property
     def choices(self) -> tuple | None:
@@ -97,11 +103,12 @@ class OptionSpec:
         )
 
     def check(self, value, method: str) -> object:
-        """``value`` for this option, checked against its type (ints are accepted as floats). The head checks the
-        value itself when it is built (a choice among its ``Literal``, a range), in its own words.
+        """``value`` for this option, checked against its type (ints are accepted as floats) and its declared
+        range (numbers are finite in any case). A choice among a ``Literal`` is checked by the head when it is
+        built, in its own words.
 
         Raises:
-            ValueError: a value of the wrong type, naming the method and option.
+            ValueError: a value of the wrong type or out of range, naming the method and option.
         """
         kind = self.kind
         where = f"method {method!r} option {self.name!r}"
@@ -113,10 +120,17 @@ class OptionSpec:
             is_sequence = isinstance(value, (tuple, list))
             if not is_sequence or any(isinstance(v, bool) or not isinstance(v, item) for v in value):
                 raise ValueError(f"{where}: expected a sequence of {kind[:-1]}s, got {value!r}")
-            return tuple(value)
+            return tuple(self._in_range(v, method) for v in value)
         if (isinstance(value, bool) and kind != "bool") or not isinstance(value, types[kind]):
             raise ValueError(f"{where}: expected {kind}, got {value!r}")
+        if kind in ("int", "float"):
+            value = self._in_range(value, method)
         return float(value) if kind == "float" else value
+
+    def _in_range(self, value, method: str):
+        integer = self.kind in ("int", "ints")
+        rng = self.range or Range()
+        return ranges.check(f"{self.name} ({method})", value, replace(rng, integer=integer))
 
     def parse(self, text: str, method: str) -> object:
         """A command-line string as this option's value (``on/off`` for bools, commas for sequences)."""
@@ -138,6 +152,10 @@ class OptionSpec:
             else:
                 value = {"int": int, "float": float, "str": str}[kind](text)
         except ValueError:
+            if kind in ("int", "float", "ints", "floats"):  # in the words of the declared range
+                rng = replace(self.range or Range(), integer=kind in ("int", "ints"))
+                each = " each" if kind in ("ints", "floats") else ""
+                raise ValueError(f"{self.name} ({method}) must be{each} {rng.describe()}, got {text!r}") from None
             expected = ", ".join(map(str, self.choices)) if kind == "choice" else kind
             raise ValueError(f"{where}: expected {expected}, got {text!r}") from None
         return self.check(value, method)
@@ -208,6 +226,7 @@ _REGISTRATION_KEYS = {
     "pretrained": str,
     "vfm": str,
     "order": int,
+    "ranges": dict,
 }
 
 
@@ -228,6 +247,10 @@ def _spec(name, head: str, options: dict, needs: dict, where: str, **kwargs) -> 
         raise ValueError(f"{where}: register_method needs summary=")
     for option in options.values():
         option.kind  # noqa: B018 - raises TypeError for an annotation the registry cannot read
+    for option, bounds in (kwargs.pop("ranges", None) or {}).items():
+        if option not in options or not isinstance(bounds, dict):
+            raise ValueError(f"{where}: ranges names {option!r}, not an option of the head with a dict of bounds")
+        options[option] = replace(options[option], range=Range(**bounds))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return MethodSpec(name=name, head=head, options=options, **needs, **kwargs)
 
@@ -362,7 +385,9 @@ def register_method(name: str, **kwargs):
     Args:
         name: the method's name (lower-case letters, digits, ``_``).
         kwargs: ``summary`` (required), ``defaults``, ``datasets``, ``datasets_of``, ``without``, ``model``,
-            ``pretrained``, ``vfm``, ``order`` (see :class:`MethodSpec`). In ``ovdense/heads/`` they must be literals.
+            ``pretrained``, ``vfm``, ``order`` (see :class:`MethodSpec`), ``ranges``: per option, the keyword
+            arguments of an :class:`ovdense.ranges.Range` (``{"temp_thd": {"low": 0, "high": 1}}``). In
+            ``ovdense/heads/`` they must be literals.
 
     Raises:
         ValueError: a malformed registration, or a name another class already holds.

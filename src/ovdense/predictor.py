@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import regions
+from . import ranges, regions
 from .classes import display_names, normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, PassInputs, TextQuery
@@ -23,6 +23,7 @@ from .methods import check_method_inputs, create_head, get_method
 from .pamr import pamr
 from .precision import autocast, check_precision
 from .presets import Preset, get_preset
+from .ranges import POSITIVE_INT
 from .regions import RegionResult
 from .text import DETECTION_TEMPLATES, OPENAI_TEMPLATES, TextClassifier, classifier_of
 from .weights import LoadedModel, WeightsChoice, load_model, resolve_weights
@@ -164,8 +165,7 @@ class Segmenter:
             weights: how the CLIP's weights were chosen (recorded in :attr:`settings`).
         """
         check_precision(precision, device)
-        if window_batch < 1:
-            raise OvdenseError("window_batch must be >= 1")
+        ranges.check("window_batch", window_batch, POSITIVE_INT)
         method = preset.method
         spec = get_method(method)
         if spec.uses_vfm and vfm is None:
@@ -396,7 +396,7 @@ class Segmenter:
 
     def _find_regions(self, image, img: np.ndarray) -> np.ndarray:
         if self.masks_dir is not None and isinstance(image, (str, Path)):
-            return as_region_map(read_region_map(region_map_for(self.masks_dir, image)), img.shape[:2], "mask file")
+            return read_region_map(region_map_for(self.masks_dir, image), img.shape[:2])
         if self.mask_generator is not None:
             return as_region_map(self.mask_generator(img), img.shape[:2], "mask_generator output")
         raise OvdenseError(
@@ -513,7 +513,7 @@ class Segmenter:
             CorrCLIP).
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = getattr(images, 'shape', type(images).__name__)
+            shape = getattr(images, "shape", type(images).__name__)
             raise InvalidArgumentError(f"images: expected a B x 3 x H x W tensor, got {shape}")
         if self.head.uses_masks and masks is None:
             raise InvalidArgumentError(f"masks: the {self.preset.method} head needs region ids of each image")

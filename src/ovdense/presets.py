@@ -11,8 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import methods
+from . import methods, ranges
+from .errors import InvalidArgumentError
+from .eval.specs import CLASS_STYLES
 from .eval.specs import DATASETS as BENCHMARKS
+from .ranges import COUNT, FRACTION, POSITIVE, POSITIVE_INT
+
+#: The positional-embedding resize rules (``ovdense.backbones.base.POS_EMBED_RULES``, spelled here so that this
+#: module stays free of torch; a test holds the two equal).
+POS_RULES = ("sclip", "size")
 
 #: The benchmarks a method may have settings for (:mod:`ovdense.eval.specs`), in the papers' column order.
 DATASETS = tuple(BENCHMARKS)
@@ -50,29 +57,50 @@ class Preset:
     method: str
     head: str
     head_kwargs: dict = field(default_factory=dict)
-    long_side: int = 2048
-    short_side: int = 336
-    crop: int = 224
-    stride: int = 112
-    logit_scale: float = 40.0
-    prob_thd: float = 0.0
-    area_thd: float | None = None
+    long_side: int = field(default=2048, metadata={"range": POSITIVE_INT})
+    short_side: int = field(default=336, metadata={"range": POSITIVE_INT})
+    crop: int = field(default=224, metadata={"range": COUNT})
+    stride: int = field(default=112, metadata={"range": POSITIVE_INT})
+    logit_scale: float = field(default=40.0, metadata={"range": POSITIVE})
+    prob_thd: float = field(default=0.0, metadata={"range": FRACTION})
+    area_thd: float | None = field(default=None, metadata={"range": FRACTION})
     pamr: bool = False
-    pamr_iterations: int = 10
-    pamr_dilations: tuple[int, ...] = (8, 16)
-    pos_rule: str = "sclip"
+    pamr_iterations: int = field(default=10, metadata={"range": COUNT})
+    pamr_dilations: tuple[int, ...] = field(default=(8, 16), metadata={"range": POSITIVE_INT})
+    pos_rule: str = field(default="sclip", metadata={"choices": POS_RULES})
     pad_to_patch: bool = False
-    class_style: str = "sclip"
-    pad_multiple: int = 0
+    class_style: str = field(default="sclip", metadata={"choices": CLASS_STYLES})
+    pad_multiple: int = field(default=0, metadata={"range": COUNT})
     vfm: str | None = None
     model: str | None = None
     pretrained: str | None = None
+
+    def __post_init__(self):
+        """Every setting within its declared range (the field's ``range`` metadata), the windows covering the
+        image: one line naming the first setting that is not."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "range" in f.metadata:
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    ranges.check(f.name, item, f.metadata["range"], optional=f.name == "area_thd")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise InvalidArgumentError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if self.crop > 0 and self.stride > self.crop:
+            raise InvalidArgumentError(
+                f"stride must be at most crop ({self.crop}), got {self.stride}: the windows would leave pixels "
+                "uncovered"
+            )
 
     def to_dict(self) -> dict:
         """The resolved settings, for recording next to results (JSON-serialisable)."""
         out = dataclasses.asdict(self)
         out["pamr_dilations"] = list(self.pamr_dilations)
         return out
+
+
+def setting_range(name: str) -> ranges.Range:
+    """The declared range of a numeric :class:`Preset` setting (what ``--crop`` and the like are checked with)."""
+    return next(f.metadata["range"] for f in dataclasses.fields(Preset) if f.name == name)
 
 
 def list_methods() -> list[str]:
@@ -120,9 +148,4 @@ def get_preset(method: str, dataset: str | None = None, **overrides) -> Preset:
             )
     for key in ("model", "pretrained", "vfm"):
         values.setdefault(key, getattr(spec, key))
-    preset = Preset(method=method, head=spec.name, head_kwargs=methods.check_options(method, head_kwargs), **values)
-    if preset.pad_multiple < 0:
-        raise ValueError(f"pad_multiple must be >= 0 (got {preset.pad_multiple})")
-    if preset.crop < 0 or preset.stride <= 0:
-        raise ValueError(f"crop must be >= 0 and stride > 0 (got crop={preset.crop}, stride={preset.stride})")
-    return preset
+    return Preset(method=method, head=spec.name, head_kwargs=methods.check_options(method, head_kwargs), **values)

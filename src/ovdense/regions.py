@@ -21,6 +21,7 @@ Every region feature is L2-normalised before the cosine with the text embeddings
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from torchvision.transforms import InterpolationMode
 __all__ = [
     "POOLINGS",
     "RegionResult",
+    "RegionWarning",
     "boxes_on_grid",
     "classify_features",
     "crop_boxes",
@@ -50,6 +52,10 @@ __all__ = [
 POOLINGS = ("dense", "crop")
 #: How far (pixels) a box may reach past the image border: annotation corners can round just past it.
 BOX_TOLERANCE = 1.0
+
+
+class RegionWarning(UserWarning):
+    """A region that gets no features of its own (a mask smaller than a cell of the feature grid)."""
 
 
 def _normalised_tensor(image: Image.Image, mean, std) -> torch.Tensor:
@@ -129,7 +135,19 @@ def masks_on_grid(masks: torch.Tensor, grid: int) -> torch.Tensor:
     size = [round(h * scale), round(w * scale)]
     resized = TF.resize(masks.float(), size, InterpolationMode.BICUBIC, antialias=False)
     padded = F.pad(resized, (0, grid - size[1], 0, grid - size[0]))
-    return padded > 0.0
+    on_grid = padded > 0.0
+    lost = torch.nonzero(~on_grid.flatten(1).any(dim=1) & masks.flatten(1).any(dim=1)).flatten().tolist()
+    if lost:
+        # The references pool such a mask to a zero vector: every class then scores the same. Kept so (the
+        # benchmark's numbers stay the references'), and said once per call.
+        which = f"mask {lost[0]} falls" if len(lost) == 1 else f"masks {_listed(lost)} fall"
+        warnings.warn(
+            f"masks: {which} between the cells of the {grid} x {grid} feature grid (smaller than a patch at this "
+            "image_size): no features, so every class gets the same probability; raise image_size or use a box",
+            RegionWarning,
+            stacklevel=2,
+        )
+    return on_grid
 
 
 def mask_features(dense_map: torch.Tensor, grid_masks: torch.Tensor) -> torch.Tensor:
@@ -330,4 +348,13 @@ def check_masks(masks, image_size: tuple[int, int]) -> torch.Tensor:
         if t.is_floating_point() or not bool(((t == 0) | (t == 1)).all()):
             raise InvalidArgumentError(f"masks: expected bool (or 0/1 integer) masks, got {t.dtype}")
         t = t.bool()
+    empty = torch.nonzero(~t.flatten(1).any(dim=1)).flatten().tolist() if t.shape[0] else []
+    if empty:
+        which = f"mask {empty[0]} is empty" if len(empty) == 1 else f"masks {_listed(empty)} are empty"
+        raise InvalidArgumentError(f"masks: {which} (no pixel set); a region needs at least one pixel")
     return t.cpu()
+
+
+def _listed(indices: Sequence[int], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import OvdenseError
 from .fileio import write_atomic
+from .ranges import CELL_HEIGHT, FRACTION, check
 
 __all__ = [
     "attention_grid",
@@ -238,9 +239,7 @@ def blend(image, labels: np.ndarray, num_classes: int, alpha: float = 0.5, backg
         raise VizInputError(f"labels shape {lab.shape} does not match image size {rgb.shape[:2]}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise VizInputError("image is empty")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise VizInputError(f"alpha must be in 0..1, got {alpha}")
+    alpha = float(check("alpha", alpha, FRACTION))
     n = int(num_classes)
     pal = label_palette(n)
     valid = (lab >= 0) & (lab < n)
@@ -565,9 +564,10 @@ def attention_grid(image, maps, cell_height: int = 160, alpha: float = 0.6) -> I
         the map scaled to its own min..max (jet: blue low, red high) over the image; a point's row marks the point
         with a white ring; a cell with no value (e.g. the [CLS] row of a head without [CLS]) says ``n/a``.
     """
+    ch = check("cell_height", cell_height, CELL_HEIGHT)
+    check("alpha", alpha, FRACTION)
     rgb = _as_rgb(image)
     h0, w0 = rgb.shape[:2]
-    ch = int(cell_height)
     cw = max(1, round(w0 * ch / h0))
     base = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR))
     columns = maps.columns()

@@ -108,14 +108,115 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
 
 
+#: Pickle opcodes that push a string (the operands of STACK_GLOBAL).
+_PICKLE_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickled_globals(path: Path, max_pickles: int = 8) -> list[str] | None:
+    """The classes and functions a raw pickle file names, read with :mod:`pickletools` (which only lists the
+    opcodes: nothing is imported or run); None when the file is not a pickle stream.
+
+    A legacy ``torch.save`` file is several pickles in a row, then raw storage bytes: the pickles are read until
+    the first that does not parse.
+    """
+    import pickletools
+
+    names: list[str] = []
+    parsed = 0
+    with open(path, "rb") as f:
+        for _ in range(max_pickles):
+            start = f.tell()
+            strings: list[str] = []
+            memo: dict[int, object] = {}
+            last: object = None
+            ops: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    ops.append(op.name)
+                    if op.name in _PICKLE_STRINGS:
+                        last = arg.decode("latin-1") if isinstance(arg, bytes) else arg
+                        strings.append(last)
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = last
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[int(arg)] = last
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        last = memo.get(int(arg))
+                        if isinstance(last, str):
+                            strings.append(last)
+                    elif op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    else:
+                        last = None
+            except Exception:  # not (or no longer) a pickle: raw storage bytes, or no pickle at all
+                f.seek(start)
+                break
+            if not ops or (ops[0] != "PROTO" and not {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"} & set(ops)):
+                break  # a lone STOP or a few stray bytes that happen to parse
+            parsed += 1
+    return names if parsed else None
+
+
+def _refused_pickle(path: Path, torch_message: str) -> OvdenseError | None:
+    """Our words for a pickle that ``torch.load(weights_only=True)`` refuses (None: the file is no pickle)."""
+    found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    if found:  # torch.save's zip format holding an object: torch names it
+        names = [found.group(1)]
+    else:
+        try:
+            names = _pickled_globals(path)
+        except OSError:
+            names = None
+        if names is None:
+            return None
+        # What torch's safe loader allows itself is torch's own and OrderedDict: name anything else.
+        names = [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+    fix = "save its state dict of tensors, or convert it to safetensors"
+    if names:
+        return OvdenseError(
+            f"checkpoint {path} is not a weights file that loads safely: it contains Python objects ({names[0]}); {fix}"
+        )
+    return OvdenseError(
+        f"checkpoint {path} is not a weights file that loads safely: it is a Python pickle that torch's safe "
+        f"loader (weights_only=True) refuses; {fix}"
+    )
+
+
+def _unreadable(path: Path, err: Exception) -> OvdenseError:
+    """Our one line for a weights file a reader refused with ``err``."""
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's message explains how to load the file unsafely; we never do, so say what the file holds.
+        refused = _refused_pickle(path, str(err))
+        if refused is not None:
+            return refused
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
+    if path.suffix == ".safetensors" or head.startswith(b"PK"):  # safetensors, or a zip archive (torch.save, JIT)
+        reason = first_line(err)
+    elif head[:1] == b"\x80":  # a pickle stream (a legacy torch.save file) that ends early or is damaged
+        reason = f"a damaged or truncated pickle ({first_line(err)})"
+    else:
+        reason = "not a PyTorch weights file (neither torch.save's zip archive nor a pickle)"
+    return OvdenseError(f"cannot read checkpoint {path}: {reason}")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """Read a weights file into a flat state dict.
+
+    Pickled files are read with ``torch.load(weights_only=True)`` only; a pickle it refuses (Python objects, a
+    raw ``pickle.dumps`` file, anything beyond tensors and plain containers) is refused in our words, never loaded
+    otherwise. torch's own warnings while reading (such as its note on pickle protocols) are not shown.
 
     Returns:
         (state_dict, format) with format ``safetensors``, ``openai-jit`` or ``torch``.
 
     Raises:
-        OvdenseError: missing, unreadable or corrupt file, or no tensors in it.
+        OvdenseError: missing, unreadable or corrupt file, a pickle that does not load safely, or no tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,23 +235,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             for key in ("input_resolution", "context_length", "vocab_size"):
                 sd.pop(key, None)
             return dict(sd), "openai-jit"
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True):  # torch's notes on the file (pickle protocol...): not ours
+            warnings.simplefilter("always")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except OvdenseError:
         raise
-    except pickle.UnpicklingError as err:
-        # torch's message explains how to load the file unsafely; we never do, so say what the file holds.
-        text = str(err)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found:
-            raise OvdenseError(
-                f"checkpoint {path} is not a weights file that loads safely: it contains Python objects "
-                f"({found.group(1)}); save its state dict of tensors, or convert it to safetensors"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text, re.S)
-        reason = first_line(detail.group(1)) if detail else "not a PyTorch weights file"
-        raise OvdenseError(f"cannot read checkpoint {path}: {reason}") from None
     except Exception as err:  # every reader raises its own type for a corrupt file
-        raise OvdenseError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+        raise _unreadable(path, err) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

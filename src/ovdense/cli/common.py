@@ -11,10 +11,12 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import OvdenseError
 from ..methods import check_method_inputs, get_method, list_methods, methods
+from ..ranges import COUNT, POSITIVE_INT, Range, flag_type
 
 __all__ = [
     "add_model_args",
@@ -70,7 +72,12 @@ def add_model_args(
         choices=PRECISIONS,
         help="auto: fp16 autocast on CUDA (as the references), fp32 on the CPU",
     )
-    g.add_argument("--window-batch", type=int, default=16, help="sliding windows per forward pass (default 16)")
+    g.add_argument(
+        "--window-batch",
+        type=flag_type("window_batch", POSITIVE_INT),
+        default=16,
+        help="sliding windows per forward pass (default 16)",
+    )
     g.add_argument(
         "--text-cache", default=None, help="text-embedding cache dir ('off' disables; default $OVDENSE_CACHE/text)"
     )
@@ -103,7 +110,7 @@ def add_model_args(
         )
     g.add_argument(
         "--max-pixels",
-        type=int,
+        type=flag_type("max_pixels", COUNT),
         default=None,
         help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
     )
@@ -111,19 +118,21 @@ def add_model_args(
         add_method_option_flags(p)
     if not preset_overrides:
         return
+    from ..presets import setting_range
+
     o = p.add_argument_group("preset overrides (default: the method's published settings)")
-    o.add_argument("--short-side", type=int, default=None, help="resize so the short side is at most this (mmseg rule)")
-    o.add_argument("--long-side", type=int, default=None, help="... and the long side at most this")
-    o.add_argument("--crop", type=int, default=None, help="window size in pixels, 0 = whole image")
-    o.add_argument("--stride", type=int, default=None, help="window stride in pixels")
-    o.add_argument("--logit-scale", type=float, default=None, help="multiplies the cosine maps before the softmax")
-    o.add_argument("--prob-thd", type=float, default=None, help="pixels below it become class 0 (background)")
-    o.add_argument(
-        "--area-thd",
-        type=float,
-        default=None,
-        help="drop classes predicted on at most this fraction of the foreground (SCLIP's VOC21 rule)",
-    )
+    helps = {
+        "short_side": "resize so the short side is at most this (mmseg rule)",
+        "long_side": "... and the long side at most this",
+        "crop": "window size in pixels, 0 = whole image",
+        "stride": "window stride in pixels (at most --crop)",
+        "logit_scale": "multiplies the cosine maps before the softmax",
+        "prob_thd": "pixels below it become class 0 (background), 0..1",
+        "area_thd": "drop classes predicted on at most this fraction of the foreground (SCLIP's VOC21 rule)",
+    }
+    for name, text in helps.items():
+        flag = "--" + name.replace("_", "-")
+        o.add_argument(flag, type=flag_type(name, setting_range(name)), default=None, help=text)
     o.add_argument("--pamr", default=None, choices=("on", "off"), help="PAMR refinement of the cosine maps (NACLIP)")
 
 
@@ -140,23 +149,40 @@ def add_method_option_flags(p: argparse.ArgumentParser) -> None:
             text = f"{name}: {option.help or option.name}".rstrip(".") + f" (default {option.default})"
             kwargs = {"choices": option.choices} if option.choices is not None else {"metavar": option.kind.upper()}
             g.add_argument(
-                option_flag(name, option.name), dest=f"option:{name}:{option.name}", default=None, help=text, **kwargs
+                option_flag(name, option.name),
+                dest=f"option:{name}:{option.name}",
+                type=option_type(name, option),
+                default=None,
+                help=text,
+                **kwargs,
             )
 
 
+def option_type(method: str, option):
+    """An argparse ``type=``: the flag's text as the option's value, checked by its declaration (type, range)."""
+
+    def parse(text: str):
+        try:
+            return option.parse(text, method)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = option.name
+    if option.kind in ("int", "float", "ints", "floats"):  # the declaration, for the table of ranges
+        parse.range = replace(option.range or Range(), integer=option.kind in ("int", "ints"))
+    return parse
+
+
 def method_options(args) -> dict:
-    """The ``--METHOD-OPTION`` values given, as the method's option values; one for another method is an error."""
+    """The ``--METHOD-OPTION`` values given; one for another method than --method is an error."""
     given = {}
-    for dest, text in vars(args).items():
-        if not dest.startswith("option:") or text is None:
+    for dest, value in vars(args).items():
+        if not dest.startswith("option:") or value is None:
             continue
         _, method, option = dest.split(":")
         if method != args.method:
             raise OvdenseError(f"{option_flag(method, option)} applies to --method {method}, not {args.method}")
-        try:
-            given[option] = get_method(method).options[option].parse(text, method)
-        except ValueError as err:
-            raise OvdenseError(f"{option_flag(method, option)}: {err}") from None
+        given[option] = value
     return given
 
 
@@ -219,8 +245,6 @@ def apply_max_pixels(args) -> None:
     """Check --max-pixels and make it the decoding limit of this run."""
     if getattr(args, "max_pixels", None) is None:
         return
-    if args.max_pixels < 0:
-        raise OvdenseError("--max-pixels must be >= 0 (0 = no limit)")
     from ..images import MAX_PIXELS_ENV
 
     # Through the environment, so DataLoader workers (forked or spawned) decode under the same limit.
@@ -303,3 +327,17 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def numeric_flags(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """Every number a command line takes, with its declared range: ``(command, flag, range in words)`` rows,
+    subcommands in order (the README's table of ranges is this list)."""
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                rows += numeric_flags(sub, (*prefix, name))
+        elif getattr(action.type, "range", None) is not None and action.option_strings:
+            rows.append((" ".join(prefix), action.option_strings[0], action.type.range.describe()))
+    return rows
+

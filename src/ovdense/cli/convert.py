@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from ..ranges import POSITIVE_INT, flag_type
+
 
 def register(subparsers) -> None:
     """Add ``ovdense convert {coco-stuff,coco-object,cityscapes,pascal-context}`` to the CLI's subparsers."""
@@ -24,7 +26,9 @@ def register(subparsers) -> None:
             help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/ (or that folder)",
         )
         p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
-        p.add_argument("--workers", type=int, default=None, help="threads (default: up to 8)")
+        p.add_argument(
+            "--workers", type=flag_type("workers", POSITIVE_INT), default=None, help="threads (default: up to 8)"
+        )
         if name == "pascal-context":
             p.add_argument("--source", default=None, help="trainval_merged.json or a folder of trainval/*.mat")
         p.set_defaults(func=run)

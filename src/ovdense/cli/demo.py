@@ -7,6 +7,7 @@ import sys
 
 from ..errors import OvdenseError
 from ..methods import methods as registered
+from ..ranges import Range, flag_type
 from .common import add_model_args, apply_max_pixels, load_for_cli, load_vfm_for_cli
 
 
@@ -14,7 +15,9 @@ def register(subparsers) -> None:
     dm = subparsers.add_parser("demo", help="a web page to try methods on your images and click points for attention")
     dm.add_argument("--methods", default="sclip,naclip,declip", help="comma list (default sclip,naclip,declip)")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    dm.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    dm.add_argument(
+        "--port", type=flag_type("port", Range(1, 65535, integer=True)), default=7860, help="port (default 7860)"
+    )
     add_model_args(dm, preset_overrides=False, masks=True, method=False)
     dm.set_defaults(func=run)
 
@@ -27,8 +30,6 @@ def run(args) -> int:
     unknown = [m for m in methods if m not in known]
     if not methods or unknown:
         raise OvdenseError(f"--methods: expected a comma list of {', '.join(known)}; got {args.methods!r}")
-    if not 0 < args.port < 65536:
-        raise OvdenseError(f"--port must be in 1..65535, got {args.port}")
     apply_max_pixels(args)
     specs = {m: known[m] for m in methods}
     needs_masks = [m for m, spec in specs.items() if spec.uses_masks]

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import OvdenseError
 from ..methods import get_method
 from ..presets import DATASETS
+from ..ranges import COUNT, POSITIVE_INT, flag_type
 from .common import (
     add_model_args,
     apply_max_pixels,
@@ -25,10 +26,14 @@ def register(subparsers) -> None:
     ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
     ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")
     ev.add_argument("--data-root", default="data", help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    ev.add_argument(
+        "--limit", type=flag_type("limit", POSITIVE_INT), default=None, help="only the first N images (smoke runs)"
+    )
     ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON; default results)")
     ev.add_argument("--save-predictions", action="store_true", help="also write label PNGs and overlays")
-    ev.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    ev.add_argument(
+        "--workers", type=flag_type("workers", COUNT), default=2, help="image-decoding worker processes (default 2)"
+    )
     add_model_args(ev, masks=True)
     ev.set_defaults(func=run)
 
@@ -59,8 +64,6 @@ def run(args) -> int:
 
     if bool(args.all) == bool(args.dataset):
         raise OvdenseError("give --dataset NAME or --all")
-    if args.limit is not None and args.limit < 1:
-        raise OvdenseError("--limit must be >= 1")
     apply_max_pixels(args)
     out = check_output_dir(args.out)
     names = list(DATASETS) if args.all else [args.dataset]

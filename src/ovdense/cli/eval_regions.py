@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import OvdenseError
+from ..ranges import COUNT, POSITIVE_INT, flag_type
 from .common import (
     add_model_args,
     apply_max_pixels,
@@ -20,12 +21,21 @@ def register(subparsers) -> None:
     er = subparsers.add_parser("eval-regions", help="region classification on COCO panoptic (boxes, masks, crops)")
     er.add_argument("--data-root", default="data/coco", help="folder holding val2017/ and annotations/")
     er.add_argument("--split", default="val2017", help="val2017 (default) or another panoptic split")
-    er.add_argument("--image-size", type=int, default=None, help="detection input side (default 64 patches)")
-    er.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    er.add_argument(
+        "--image-size",
+        type=flag_type("image_size", POSITIVE_INT),
+        default=None,
+        help="detection input side (default 64 patches; at least the patch size)",
+    )
+    er.add_argument(
+        "--limit", type=flag_type("limit", POSITIVE_INT), default=None, help="only the first N images (smoke runs)"
+    )
     er.add_argument("--crops", action="store_true", help="also score the crop baseline (vanilla tower)")
     er.add_argument("--out", default="results/regions", help="where metrics.json and the tables go")
     er.add_argument("--save-predictions", action="store_true", help="also write regions.jsonl")
-    er.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    er.add_argument(
+        "--workers", type=flag_type("workers", COUNT), default=2, help="image-decoding worker processes (default 2)"
+    )
     add_model_args(er, preset_overrides=False)
     er.set_defaults(func=run, method="declip")
 
@@ -36,10 +46,6 @@ def run(args) -> int:
     from ..eval.regions import evaluate_regions, regions_table, write_region_results
     from ..fileio import check_output_dir
 
-    if args.limit is not None and args.limit < 1:
-        raise OvdenseError("--limit must be >= 1")
-    if args.image_size is not None and args.image_size < 1:
-        raise OvdenseError("--image-size must be >= 1")
     apply_max_pixels(args)
     check_output_dir(args.out)
     dataset = CocoPanoptic(args.data_root, split=args.split)  # paths checked before any model work

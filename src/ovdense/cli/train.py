@@ -7,7 +7,10 @@ names an objective is a flag of that objective only.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import OvdenseError
+from ..ranges import flag_type
 from .common import warn_test_model
 
 #: The objectives (subcommands) and their help lines.
@@ -58,6 +61,8 @@ def _train_flags(p, objective: str) -> None:
             text += f" (default: {f.default})"
         kw = {"dest": f.name, "default": None, "help": text}
         kind, nargs = _flag_type(hints[f.name])
+        if "range" in f.metadata:  # numbers: read and checked by the field's declared range
+            kind = flag_type(f.name, replace(f.metadata["range"], integer=kind is int))
         if kind is bool:
             p.add_argument(flag, action="store_true", **kw)
         elif nargs is not None:

@@ -106,6 +106,7 @@ def scope_attention(similarity: torch.Tensor, ids: torch.Tensor, tau: float = 4.
 
 @register_method(
     "corrclip",
+    ranges={"tau": {"low": 0, "low_open": True}, "eps": {"low": 0}},
     order=80,
     summary="CorrCLIP: VFM correlations within class-agnostic masks, spatial and semantic branches, a vote per mask",
     defaults={

@@ -30,6 +30,7 @@ def gaussian_neighbourhood_bias(
 
 @register_method(
     "naclip",
+    ranges={"sigma": {"low": 0, "low_open": True}},
     order=20,
     summary="softmax(kk + Gaussian neighbourhood) attention, no residual, no FFN, PAMR (NACLIP)",
     defaults={"pamr": True},

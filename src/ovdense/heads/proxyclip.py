@@ -45,6 +45,7 @@ def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.
 
 @register_method(
     "proxyclip",
+    ranges={"gamma": {"low": 0, "low_open": True}},
     order=70,
     summary="ProxyCLIP: one attention for all heads from a VFM's patch similarities (DINO B/8) on CLIP's values",
     defaults={

@@ -117,27 +117,42 @@ def sfr_prior(labels: torch.Tensor, sigma: float = 5.0, delete_same_entity: bool
 
 @register_method(
     "resclip",
+    ranges={
+        "temp_thd": {"low": 0, "high": 1},
+        "rcs_tau": {"low": 0, "low_open": True},
+        "rcs_lambda": {"low": 0, "high": 1},
+        "sfr_tau": {"low": 0, "low_open": True},
+        "sfr_lambda": {"low": 0, "high": 1},
+        "sigma": {"low": 0, "low_open": True},
+        "rcs_blocks": {"low": 1},
+        "pamr_iterations": {"low": 0},
+        "pamr_dilations": {"low": 1},
+    },
     order=60,
     summary="ResCLIP on NACLIP: kk + Gaussian attention mixed with blocks 6-9 (RCS) and a first-pass label prior (SFR)",
     datasets={
         "voc21": {
-            "crop": 0, "prob_thd": 0.1,
+            "crop": 0,
+            "prob_thd": 0.1,
             "head_kwargs": {"temp_thd": 0.50, "rcs_lambda": 0.3, "sfr_tau": 2.2, "sfr_lambda": 0.7},
         },
         "context60": {
-            "prob_thd": 0.1, "head_kwargs": {"temp_thd": 0.30, "rcs_lambda": 0.3, "sfr_tau": 1.8, "sfr_lambda": 0.7},
+            "prob_thd": 0.1,
+            "head_kwargs": {"temp_thd": 0.30, "rcs_lambda": 0.3, "sfr_tau": 1.8, "sfr_lambda": 0.7},
         },
         "coco_object": {
-            "prob_thd": 0.1, "head_kwargs": {"temp_thd": 0.11, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7},
+            "prob_thd": 0.1,
+            "head_kwargs": {"temp_thd": 0.11, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7},
         },
         "voc20": {"crop": 0, "head_kwargs": {"temp_thd": 0.10, "rcs_lambda": 0.6, "sfr_tau": 2.1, "sfr_lambda": 0.6}},
         "context59": {"head_kwargs": {"temp_thd": 0.25, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7}},
         "coco_stuff": {"head_kwargs": {"temp_thd": 0.11, "rcs_lambda": 0.4, "sfr_tau": 1.8, "sfr_lambda": 0.7}},
         "cityscapes": {
-            "short_side": 560, "head_kwargs": {"temp_thd": 0.10, "rcs_lambda": 0.2, "sfr_tau": 2.1, "sfr_lambda": 0.6},
+            "short_side": 560,
+            "head_kwargs": {"temp_thd": 0.10, "rcs_lambda": 0.2, "sfr_tau": 2.1, "sfr_lambda": 0.6},
         },
         "ade20k": {"head_kwargs": {"temp_thd": 0.25, "rcs_lambda": 0.3, "sfr_tau": 2.1, "sfr_lambda": 0.7}},
-    },  # fmt: skip
+    },
 )
 class ResclipHead(DenseHead):
     """ResCLIP's last block (module docstring).

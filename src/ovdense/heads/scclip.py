@@ -112,6 +112,15 @@ def similarity_aggregation(similarity: torch.Tensor, beta: float) -> torch.Tenso
 
 @register_method(
     "scclip",
+    ranges={
+        "beta": {"low": -1, "high": 1},
+        "pre_adjust": {"low": 1},
+        "post_adjust": {"low": 1},
+        "multi_start": {"low": 1},
+        "multi_end": {"low": 1},
+        "neighbours": {"low": 1},
+        "contamination": {"low": 0, "high": 1, "low_open": True, "high_open": True},
+    },
     order=50,
     summary="SC-CLIP: LOF anomaly repair, similarity aggregation, multi-level pass, no residual/FFN",
     datasets={

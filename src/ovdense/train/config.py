@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..methods import get_method
 from ..precision import PRECISIONS
+from ..ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Range, check
 
 __all__ = ["CHOICES", "RECIPES", "TrainConfig"]
 
@@ -31,11 +32,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _flag(default, help: str, objective: str | None = None, required: bool = False):
+def _flag(default, help: str, objective: str | None = None, required: bool = False, range: Range | None = None):
     """A field that ``ovdense train`` offers as a flag: ``help`` is the flag's help text, ``objective`` the one
     objective that reads the field (the other objectives do not offer the flag), ``required`` whether the
-    command line requires it. The command line builds the flags from this metadata."""
+    command line requires it, ``range`` the values a number accepts (each item of a tuple). The command line
+    builds the flags from this metadata; :class:`TrainConfig` checks the ranges itself too."""
     metadata: dict = {"help": help}
+    if range is not None:
+        metadata["range"] = range
     if objective is not None:
         metadata["objective"] = objective
     if required:
@@ -64,12 +68,14 @@ class TrainConfig:
     pretrained: str | None = _flag(None, "open_clip pretrained tag of the student")
     checkpoint: str | None = _flag(None, "student weights file (EVA-CLIP layout, open_clip, safetensors)")
     mode: str = _flag("qq", "DeCLIP attention: qq (the released scripts) or csa (q-q + k-k)", objective="declip")
-    unlocked_blocks: int | None = _flag(None, "train only the last N transformer blocks (default all)")
+    unlocked_blocks: int | None = _flag(
+        None, "train only the last N transformer blocks (default all)", range=POSITIVE_INT
+    )
     # data
-    image_size: int = _flag(560, "student input side (longest side resized, padded right/bottom)")
-    max_split: int = _flag(6, "grid crops: up to this many rows (and columns)")
-    max_boxes: int = _flag(20, "grid crops: at most this many cells per image")
-    workers: int = _flag(4, "image-decoding worker processes")
+    image_size: int = _flag(560, "student input side (longest side resized, padded right/bottom)", range=POSITIVE_INT)
+    max_split: int = _flag(6, "grid crops: up to this many rows (and columns)", range=POSITIVE_INT)
+    max_boxes: int = _flag(20, "grid crops: at most this many cells per image", range=POSITIVE_INT)
+    workers: int = _flag(4, "image-decoding worker processes", range=COUNT)
     # teachers
     vfm: str = _flag(
         "dinov2-b-reg", "VFM teacher: dinov2-{s,b,l}[-reg], dino-{s,b}{8,16} or timm:<name>", objective="declip"
@@ -83,8 +89,13 @@ class TrainConfig:
         "diffusers model id or local folder of the SD teacher",
         objective="declip",
     )
-    sd_size: int = _flag(512, "Stable Diffusion input side", objective="declip")
-    sd_timestep: int = _flag(100, "diffusion timestep of the one UNet pass (ours: 100)", objective="declip")
+    sd_size: int = _flag(512, "Stable Diffusion input side", objective="declip", range=POSITIVE_INT)
+    sd_timestep: int = _flag(
+        100,
+        "diffusion timestep of the one UNet pass (ours: 100)",
+        objective="declip",
+        range=Range(0, 999, integer=True),
+    )
     sd_layers: str = _flag(
         "up-finest-2", "UNet self-attention layers: up-finest-K or comma-separated module names", objective="declip"
     )
@@ -98,22 +109,26 @@ class TrainConfig:
         objective="declip",
     )
     context_loss: str = _flag("l2", "l2 (released) or kl (extended)", objective="declip")
-    context_tau: float = _flag(0.2, "temperature of the KL context loss (ours: 0.2)", objective="declip")
+    context_tau: float = _flag(
+        0.2, "temperature of the KL context loss (ours: 0.2)", objective="declip", range=POSITIVE
+    )
     content_loss: str = _flag(
         "roi", "roi (1x1 RoIAlign, released) or tokens (N x N RoI tokens, extended)", objective="declip"
     )
-    roi_tokens: int = _flag(4, "N of the N x N RoI tokens", objective="declip")
+    roi_tokens: int = _flag(4, "N of the N x N RoI tokens", objective="declip", range=POSITIVE_INT)
     rcc_weight: float = _flag(
-        0.0, "weight of the region correlation constraint (extended: 1.0, ours)", objective="declip"
+        0.0, "weight of the region correlation constraint (extended: 1.0, ours)", objective="declip", range=NON_NEGATIVE
     )
-    rcc_tau: float = _flag(0.2, "temperature of the region correlation constraint (ours: 0.2)", objective="declip")
-    content_weight: float = _flag(1.0, "weight of the content loss", objective="declip")
+    rcc_tau: float = _flag(
+        0.2, "temperature of the region correlation constraint (ours: 0.2)", objective="declip", range=POSITIVE
+    )
+    content_weight: float = _flag(1.0, "weight of the content loss", objective="declip", range=NON_NEGATIVE)
     context_weight: float = _flag(
-        0.1, "weight of the context loss (code 0.1; the paper's lambda 0.25)", objective="declip"
+        0.1, "weight of the context loss (code 0.1; the paper's lambda 0.25)", objective="declip", range=NON_NEGATIVE
     )
     # SCD (ours where the paper gives no value: docs/design.md "SCD and the Refiner (ours)")
-    scd_weight: float = _flag(1.0, "weight of the SCD loss (lambda)", objective="scd")
-    scd_tau: float = _flag(0.2, "SCD softmax temperature (ours)", objective="scd")
+    scd_weight: float = _flag(1.0, "weight of the SCD loss (lambda)", objective="scd", range=NON_NEGATIVE)
+    scd_tau: float = _flag(0.2, "SCD softmax temperature (ours)", objective="scd", range=POSITIVE)
     no_scd: bool = _flag(
         False, "SCD: train plain region-language alignment (RLA), no correlation loss", objective="scd"
     )
@@ -122,33 +137,49 @@ class TrainConfig:
     )
     no_refiner: bool = _flag(False, "SCD: ignore --refiner (target = the frozen CLIP's tokens)", objective="scd")
     # the Refiner's own stage (ours)
-    refiner_depth: int = _flag(2, "Refiner stage: transformer blocks of the Refiner", objective="refiner")
-    refiner_tokens: int = _flag(4, "Refiner stage: N of the N x N tokens matched per crop", objective="refiner")
-    refiner_tau: float = _flag(0.2, "Refiner stage: InfoNCE temperature (ours)", objective="refiner")
-    # optimisation
-    epochs: int = _flag(6, "passes over the data")
-    batch_size: int = _flag(4, "images per process per micro-batch")
-    accum_steps: int = _flag(1, "micro-batches per optimiser step")
-    lr: float = _flag(1e-5, "peak learning rate")
-    weight_decay: float = _flag(0.1, "AdamW weight decay (not on biases, norms, logit_scale)")
-    betas: tuple[float, float] | None = _flag(
-        None, "AdamW betas (default: DeCLIP's rule, 0.9 0.98 for model names with 'vit', else 0.9 0.999)"
+    refiner_depth: int = _flag(
+        2, "Refiner stage: transformer blocks of the Refiner", objective="refiner", range=POSITIVE_INT
     )
-    eps: float | None = _flag(None, "AdamW eps (default: 1e-6 for model names with 'vit', else 1e-8)")
-    warmup_steps: int = _flag(1000, "linear warm-up steps before the cosine")
+    refiner_tokens: int = _flag(
+        4, "Refiner stage: N of the N x N tokens matched per crop", objective="refiner", range=POSITIVE_INT
+    )
+    refiner_tau: float = _flag(0.2, "Refiner stage: InfoNCE temperature (ours)", objective="refiner", range=POSITIVE)
+    # optimisation
+    epochs: int = _flag(6, "passes over the data", range=POSITIVE_INT)
+    batch_size: int = _flag(4, "images per process per micro-batch", range=POSITIVE_INT)
+    accum_steps: int = _flag(1, "micro-batches per optimiser step", range=POSITIVE_INT)
+    lr: float = _flag(1e-5, "peak learning rate", range=POSITIVE)
+    weight_decay: float = _flag(0.1, "AdamW weight decay (not on biases, norms, logit_scale)", range=NON_NEGATIVE)
+    betas: tuple[float, float] | None = _flag(
+        None,
+        "AdamW betas (default: DeCLIP's rule, 0.9 0.98 for model names with 'vit', else 0.9 0.999)",
+        range=Range(0, 1, high_open=True),
+    )
+    eps: float | None = _flag(None, "AdamW eps (default: 1e-6 for model names with 'vit', else 1e-8)", range=POSITIVE)
+    warmup_steps: int = _flag(1000, "linear warm-up steps before the cosine", range=COUNT)
     precision: str = _flag("auto", "auto (fp16 AMP on CUDA, fp32 on CPU), fp32, fp16, bf16")
-    alpha: float = _flag(0.7, "saved weights = alpha*student + (1-alpha)*initial weights")
-    seed: int = _flag(0, "seed of the data order, grid draws and SD noise")
+    alpha: float = _flag(0.7, "saved weights = alpha*student + (1-alpha)*initial weights", range=FRACTION)
+    seed: int = _flag(0, "seed of the data order, grid draws and SD noise", range=COUNT)
     # runtime
     device: str | None = _flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
-    max_steps: int | None = _flag(None, "stop after this many optimiser steps (smoke runs)")
-    save_every: int = _flag(0, "also write the resume point every N steps (0: at epoch ends only)")
-    log_every: int = _flag(10, "log.csv / TensorBoard row (and, off a terminal, a progress line) every N steps")
+    max_steps: int | None = _flag(None, "stop after this many optimiser steps (smoke runs)", range=POSITIVE_INT)
+    save_every: int = _flag(0, "also write the resume point every N steps (0: at epoch ends only)", range=COUNT)
+    log_every: int = _flag(
+        10, "log.csv / TensorBoard row (and, off a terminal, a progress line) every N steps", range=POSITIVE_INT
+    )
     val_data: str | None = _flag(None, "COCO panoptic folder: region classification at each epoch end")
-    val_limit: int | None = _flag(None, "validation images (default all)")
-    val_image_size: int = _flag(560, "detection input side of the validation")
+    val_limit: int | None = _flag(None, "validation images (default all)", range=POSITIVE_INT)
+    val_image_size: int = _flag(560, "detection input side of the validation", range=POSITIVE_INT)
     resume: str | None = _flag(None, "run folder (or its state/) to continue from")
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Every number within the range its field declares: one line naming the first that is not."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "range" in f.metadata and value is not None:
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    check(f.name, item, f.metadata["range"])
 
     def adam_betas_eps(self) -> tuple[tuple[float, float], float]:
         """AdamW betas and eps: the given ones, else DeCLIP's ``get_default_params`` rule on the model name."""

@@ -34,7 +34,16 @@ from ..errors import OvdenseError, first_line
 from ..fileio import check_output_dir, fsync_dir, write_atomic, write_atomic_durable
 from ..precision import amp_dtype, autocast, check_precision
 from .config import TrainConfig
-from .state import STATE_DIR, STATE_FILE, WEIGHTS_FILE, current_state, publish_state, read_state, tidy_state
+from .state import (
+    CURRENT_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    current_state,
+    publish_state,
+    read_state,
+    tidy_state,
+)
 
 __all__ = ["EpochSampler", "Trainer", "cosine_lr", "ensemble_state", "param_groups", "progress_line"]
 
@@ -205,14 +214,17 @@ class Trainer:
             raise OvdenseError(f"unknown objective {cfg.objective!r}; available: {', '.join(OBJECTIVES)}")
         if cfg.mode not in ("csa", "qq"):
             raise OvdenseError(f"unknown DeCLIP mode {cfg.mode!r}; expected csa or qq")
-        if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
-            raise OvdenseError("batch size, accumulation steps and epochs must be >= 1")
-        if cfg.log_every < 1:
-            raise OvdenseError(f"--log-every must be >= 1, got {cfg.log_every}")
+        # The numbers' ranges are TrainConfig's own checks (its fields' declarations).
         if not str(cfg.out):
             raise OvdenseError("no output folder given: pass --out RUN_DIR")
         self.out = Path(cfg.out)
         check_output_dir(self.out)  # before any model loads: a bad --out should not cost minutes
+        if not cfg.resume and (self.out / STATE_DIR / CURRENT_FILE).is_file():
+            # A run that can be continued is never overwritten silently (one that crashed before its first
+            # resume point has nothing to continue: it starts again).
+            raise OvdenseError(
+                f"{self.out} holds a run that can be continued: pass --resume {self.out}, or write to another --out"
+            )
         source = open_source(cfg.data)  # an empty or missing data folder fails before any model loads
         self.dist = init_distributed_from_env(cfg.device)
         device = cfg.device
