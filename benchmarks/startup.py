@@ -46,7 +46,7 @@ def main() -> None:
         image = Path(tmp) / "photo.png"
         Image.new("RGB", (500, 375), (120, 160, 200)).save(image)
         segment = [*ovdense, "segment", str(image), "--classes", "sky; person; tree", "--model", "ovdense-test-vit"]
-        segment += ["--text-cache", "off", "--out", str(Path(tmp) / "out")]
+        segment += ["--text-cache", "off", "--out", str(Path(tmp) / "out"), "--overwrite"]
         rows = [
             ('python -c "import torch"', [sys.executable, "-c", "import torch"], 0),
             ("ovdense --help", [*ovdense, "--help"], 0),

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -6,6 +7,13 @@ import torch
 # Tests never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The Ctrl-C tests send SIGINT to this process and to the commands it starts. A suite started in the background by
+# a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and so would every child: give the process
+# Python's own handler, which its children then start with (an ignored signal stays ignored across exec, a handled
+# one does not).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
