@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovdense.cli.outputs import network_size, window_size
+from ovdense.cli.outputs import window_size
 from ovdense.errors import OvdenseError
 from ovdense.fileio import check_outputs
-from ovdense.inference import mmseg_resize
+from ovdense.inference import mmseg_resize, mmseg_resize_size
 
 TINY = ["--model", "ovdense-test-vit", "--text-cache", "off"]
 SEGMENT_FILES = ("_overlay.png", "_labels.png", ".json")
@@ -55,7 +55,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 )
 def test_network_size_is_mmseg_resize_shape(size, bounds):
     image = np.zeros((*size, 3), np.uint8)
-    new = network_size(*size, *bounds)
+    new = mmseg_resize_size(*size, *bounds)
     if min(new) < 1:
         with pytest.raises(ValueError, match="would be resized to"):
             mmseg_resize(image, *bounds)

@@ -40,6 +40,19 @@ Window = tuple[int, int, int, int]
 _MAX_CHUNK_ELEMENTS = 1 << 26
 
 
+def mmseg_resize_size(height: int, width: int, long_side: int, short_side: int) -> tuple[int, int]:
+    """The ``(height, width)`` :func:`mmseg_resize` gives an image, without resizing it.
+
+    mmseg's rule (mmcv ``imrescale``): the factor ``f = min(L / long, S / short)`` with ``L``, ``S`` the larger and
+    smaller of the two bounds (mmcv takes max/min of the scale tuple, so their order does not matter) and ``long``,
+    ``short`` the image's sides; each side becomes ``int(x * f + 0.5)``. A side of 0 means the image is too
+    elongated for the bounds.
+    """
+    big, small = max(long_side, short_side), min(long_side, short_side)
+    f = min(big / max(height, width), small / min(height, width))
+    return int(height * f + 0.5), int(width * f + 0.5)
+
+
 def mmseg_resize(image: np.ndarray, long_side: int, short_side: int) -> np.ndarray:
     """Resize like mmseg's ``Resize(scale=(long_side, short_side), keep_ratio=True)`` (mmcv ``imrescale``).
 
@@ -64,10 +77,7 @@ def mmseg_resize(image: np.ndarray, long_side: int, short_side: int) -> np.ndarr
     h, w = image.shape[:2]
     if h == 0 or w == 0:
         raise ValueError(f"empty image of shape {image.shape}")
-    # mmcv takes max/min of the scale tuple, so the order of the two sides does not matter there either.
-    big, small = max(long_side, short_side), min(long_side, short_side)
-    f = min(big / max(h, w), small / min(h, w))
-    new_w, new_h = int(w * f + 0.5), int(h * f + 0.5)
+    new_h, new_w = mmseg_resize_size(h, w, long_side, short_side)
     if new_w <= 0 or new_h <= 0:
         raise ValueError(f"image of shape {image.shape} would be resized to {new_h} x {new_w}")
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -12,7 +12,6 @@ import os
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 from ..errors import OvdenseError
 from ..methods import check_method_inputs, get_method, list_methods, methods
@@ -21,7 +20,6 @@ from ..ranges import COUNT, POSITIVE_INT, Range, flag_type
 __all__ = [
     "add_model_args",
     "apply_max_pixels",
-    "check_images",
     "check_inputs",
     "cuda_available",
     "load_for_cli",
@@ -230,15 +228,6 @@ def read_classes(args) -> list[list[str]]:
             return read_class_file(args.classes_file) if args.classes_file else parse_class_string(args.classes)
     except (ValueError, OSError) as err:
         raise OvdenseError(first_line(err)) from None
-
-
-def check_images(paths: list[str]) -> list[Path]:
-    """Decode every image before anything is written, so a bad file stops the run with nothing half-done."""
-    from ..images import decode_image
-
-    for raw in paths:
-        decode_image(raw)
-    return [Path(p) for p in paths]
 
 
 def apply_max_pixels(args) -> None:

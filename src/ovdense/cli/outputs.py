@@ -21,7 +21,6 @@ __all__ = [
     "check_network_sizes",
     "check_windows",
     "decode_sizes",
-    "network_size",
     "run_inputs",
     "window_size",
 ]
@@ -42,7 +41,7 @@ def add_overwrite_flag(p) -> None:
 
 
 def decode_sizes(paths: list[str]) -> tuple[list[Path], list[tuple[int, int]]]:
-    """Decode every image before anything is written (as :func:`ovdense.cli.common.check_images` does), keeping
+    """Decode every image before anything is written, so a bad file stops the run with nothing half-done, keeping
     each one's ``(height, width)`` as decoded (EXIF orientation applied) for the checks that follow.
 
     Raises:
@@ -55,18 +54,6 @@ def decode_sizes(paths: list[str]) -> tuple[list[Path], list[tuple[int, int]]]:
         h, w = decode_image(raw).shape[:2]
         sizes.append((int(h), int(w)))
     return [Path(p) for p in paths], sizes
-
-
-def network_size(height: int, width: int, long_side: int, short_side: int) -> tuple[int, int]:
-    """The ``(height, width)`` that :func:`ovdense.inference.mmseg_resize` gives an image, without resizing it.
-
-    mmseg's rule (mmcv ``imrescale``): the factor ``f = min(L / long, S / short)`` with ``L``, ``S`` the larger and
-    smaller of the two bounds and ``long``, ``short`` the image's sides; each side becomes ``int(x * f + 0.5)``. A
-    side of 0 means the image is too elongated for the bounds (``mmseg_resize`` refuses it).
-    """
-    big, small = max(long_side, short_side), min(long_side, short_side)
-    f = min(big / max(height, width), small / min(height, width))
-    return int(height * f + 0.5), int(width * f + 0.5)
 
 
 def window_size(height: int, width: int, crop: int, pad_multiple: int = 0) -> tuple[int, int]:
@@ -98,9 +85,11 @@ def check_network_sizes(images: list[Path], sizes: list[tuple[int, int]], preset
     Raises:
         OvdenseError: one line naming the first image that would not, and how many do not.
     """
+    from ..inference import mmseg_resize_size  # the resize's own rule (loads torch: the run needs it next)
+
     bad = []
     for path, (h, w) in zip(images, sizes, strict=True):
-        nh, nw = network_size(h, w, preset.long_side, preset.short_side)
+        nh, nw = mmseg_resize_size(h, w, preset.long_side, preset.short_side)
         if nh < 1 or nw < 1:
             bad.append((path, (
                 f"{_wh((h, w))} pixels (width x height) is too elongated for {preset.method}: its resize (long side "
@@ -121,6 +110,8 @@ def check_windows(images: list[Path], sizes: list[tuple[int, int]], seg) -> None
     Raises:
         OvdenseError: one line naming the first image whose windows would be too small, and how many are.
     """
+    from ..inference import mmseg_resize_size
+
     p = seg.preset
     tower = seg.loaded.tower
     pad = p.pad_multiple or (tower.patch_size if p.pad_to_patch else 0)
@@ -129,7 +120,7 @@ def check_windows(images: list[Path], sizes: list[tuple[int, int]], seg) -> None
         need, what = seg.vfm.patch_size, f"the {seg.vfm.patch_size}-pixel patches of the VFM {seg.vfm.name}"
     bad = []
     for path, (h, w) in zip(images, sizes, strict=True):
-        nh, nw = network_size(h, w, p.long_side, p.short_side)
+        nh, nw = mmseg_resize_size(h, w, p.long_side, p.short_side)
         wh, ww = window_size(nh, nw, p.crop, pad)
         if wh < need or ww < need:
             windows = f"its {p.crop}-pixel windows" if p.crop > 0 else "its whole-image window"
