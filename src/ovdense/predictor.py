@@ -62,6 +62,27 @@ def resolve_preset(method: str, dataset: str | None = None, **options) -> Preset
         raise InvalidArgumentError(str(err)) from None
 
 
+def check_arguments(
+    method: str, dataset, vfm, vfm_checkpoint, masks_dir, mask_generator, mask_model, options: dict
+) -> Preset:
+    """Every check of a segmenter's arguments that needs no weights: the preset (settings, options and their
+    ranges), the inputs against what the method's head uses, the options' values as the head judges them.
+
+    Returns:
+        the resolved :class:`~ovdense.presets.Preset`.
+
+    Raises:
+        InvalidArgumentError: the first problem, in one line.
+    """
+    preset = resolve_preset(method, dataset, **options)
+    check_method_inputs(
+        method, vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
+        mask_model=mask_model,
+    )  # fmt: skip
+    build_head(preset)
+    return preset
+
+
 def build_head(preset: Preset) -> DenseHead:
     """The preset's head with its options; a value the head refuses is an :class:`InvalidArgumentError`."""
     try:
@@ -256,12 +277,7 @@ class Segmenter:
             OvdenseError: unknown method, dataset, setting or option, inputs the method does not use or lacks
                 (checked before the weights load), or weights that cannot be loaded.
         """
-        preset = resolve_preset(method, dataset, **options)
-        check_method_inputs(
-            method, vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
-            mask_model=mask_model,
-        )  # fmt: skip
-        build_head(preset)  # the head checks its options' values before the weights load
+        preset = check_arguments(method, dataset, vfm, vfm_checkpoint, masks_dir, mask_generator, mask_model, options)
         weights = resolve_weights(model_name, pretrained, checkpoint, preset.model, preset.pretrained)
         if weights.chosen:
             logging.getLogger(__name__).info("%s: chose the %s", method, weights.chosen)
@@ -303,11 +319,7 @@ class Segmenter:
         Raises:
             OvdenseError: as :meth:`from_pretrained`.
         """
-        preset = resolve_preset(method, dataset, **options)
-        check_method_inputs(
-            method, vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
-            mask_model=mask_model,
-        )  # fmt: skip
+        preset = check_arguments(method, dataset, vfm, vfm_checkpoint, masks_dir, mask_generator, mask_model, options)
         device = next(loaded.model.parameters()).device
         if get_method(method).uses_vfm and (vfm is None or isinstance(vfm, (str, Path))):
             from .vfm import load_vfm
