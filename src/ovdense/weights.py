@@ -51,6 +51,8 @@ class LoadedModel:
         source: where the weights came from (tag, repo or file; ``random`` for test archs).
         activation: ``quick_gelu`` / ``gelu`` for OpenAI-style ViTs, ``swiglu`` for EVA02.
         notes: things a user should know (e.g. the QuickGELU choice).
+        has_text_weights: False when only an image tower was given (``load_model(visual_state=...)`` without
+            weights): the text tower is then random and must not encode class names.
     """
 
     model: torch.nn.Module
@@ -61,6 +63,7 @@ class LoadedModel:
     activation: str
     is_test_model: bool = False
     notes: list[str] = field(default_factory=list)
+    has_text_weights: bool = True
 
 
 #: Test architectures already warned about in this process.
@@ -488,6 +491,8 @@ def load_model(
     pretrained: str | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = "cpu",
+    visual_state: dict[str, torch.Tensor] | None = None,
+    visual_label: str = "the image tower",
 ) -> LoadedModel:
     """Load a CLIP for dense inference.
 
@@ -499,6 +504,10 @@ def load_model(
             EVA-CLIP layout). With ``pretrained`` too, the tag's weights load first and the file overrides
             them (for checkpoints holding only the image tower).
         device: where to put the model; CUDA requested without CUDA is an error.
+        visual_state: an image tower (``visual.*`` keys, open_clip or EVA-CLIP names) that replaces the one of
+            the weights, strictly (a detector's frozen tower). Without ``pretrained``/``checkpoint`` it is the only
+            weights: the text tower stays random and ``has_text_weights`` is False.
+        visual_label: how messages name ``visual_state``'s source.
 
     Raises:
         OvdenseError: with a one-line, actionable message.
@@ -567,6 +576,9 @@ def load_model(
         source = f"{checkpoint} ({fmt}, {layout} layout)"
         if layout == "open_clip" and not cfg_quick and not hasattr(model.visual, "trunk"):
             notes.append(f"activation GELU (from the name {model_name}); OpenAI weights need {model_name}-quickgelu")
+    elif model is None and visual_state is not None:
+        model = _create_seeded(model_name, cfg_quick)
+        source = visual_label
     elif model is None:
         if not test_arch:
             some_tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)[:4])
@@ -575,6 +587,10 @@ def load_model(
             )
         model = _create_seeded(model_name, cfg_quick)
 
+    has_text_weights = True
+    if visual_state is not None:
+        has_text_weights = test_arch or checkpoint is not None or source != visual_label
+        _load_visual(model, visual_state, model_name, visual_label)
     if test_arch and model_name not in _WARNED_RANDOM:
         _WARNED_RANDOM.add(model_name)
         warnings.warn(
@@ -597,7 +613,26 @@ def load_model(
         activation=_activation(model, cfg_quick),
         is_test_model=test_arch,
         notes=notes,
+        has_text_weights=has_text_weights,
     )
+
+
+def _load_visual(model, visual_state: dict, model_name: str, label: str) -> None:
+    """Replace ``model``'s image tower by ``visual_state`` (``visual.*`` keys), strictly."""
+    if _is_eva_clip_layout(visual_state):
+        trunk = getattr(model.visual, "trunk", None)
+        if trunk is None:
+            raise OvdenseError(f"{label} holds an EVA-CLIP (EVA02) tower; {model_name} is not an EVA02 model")
+        from timm.models.eva import checkpoint_filter_fn
+
+        try:
+            converted = checkpoint_filter_fn(dict(visual_state), trunk)
+        except Exception as err:
+            raise OvdenseError(f"{label} does not fit {model_name}: {first_line(err)}") from None
+        load_strict(trunk, converted, f"{model_name} (image tower of {label})")
+        return
+    own = {k[len("visual.") :]: v for k, v in visual_state.items() if k.startswith("visual.")}
+    load_strict(model.visual, own, f"{model_name} (image tower of {label})")
 
 
 def model_folder_or_hub(
