@@ -330,3 +330,98 @@ def numeric_flags(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ())
             rows.append((" ".join(prefix), action.option_strings[0], action.type.range.describe()))
     return rows
 
+
+
+def add_detector_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The "detector" flag group of ``detect``, ``eval-det`` and the demo's detection mode."""
+    from ..ranges import FRACTION, POSITIVE_INT
+
+    g = p.add_argument_group("detector")
+    g.add_argument(
+        "--detector",
+        required=required,
+        default=None,
+        help="F-ViT weights: CLIPSelf's mmdet .pth or an ovdense .safetensors (ovdense train fvit)",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="the CLIP of the detector's tower (EVA02-B-16, EVA02-L-14-336...; default: read from the detector)",
+    )
+    g.add_argument("--pretrained", default=None, help="open_clip tag of the CLIP whose text tower embeds class names")
+    g.add_argument("--checkpoint", default=None, help="... or a local CLIP weights file for the text tower")
+    g.add_argument(
+        "--class-embeddings",
+        default=None,
+        help="F-ViT class-embedding file (.pt: name -> vector, with 'background') instead of the text tower",
+    )
+    g.add_argument(
+        "--benchmark",
+        default="ov-coco",
+        choices=("ov-coco", "ov-lvis", "coco"),
+        help="test settings and base classes of the detector (default ov-coco)",
+    )
+    g.add_argument(
+        "--clip-head",
+        default="value",
+        choices=("value", "declip"),
+        help="CLIP region features: F-ViT's value path (default) or DeCLIP's q-q last block (ours)",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--score-threshold",
+        type=flag_type("score_threshold", FRACTION),
+        default=None,
+        help="keep detections scoring above this, 0..1 (default the benchmark's: 0.01 OV-COCO, 0.0001 OV-LVIS)",
+    )
+    g.add_argument(
+        "--max-detections",
+        type=flag_type("max_detections", POSITIVE_INT),
+        default=None,
+        help="detections kept per image (default the benchmark's: 100 OV-COCO, 300 OV-LVIS)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=flag_type("max_pixels", COUNT),
+        default=None,
+        help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
+    )
+
+
+def check_detector_inputs(args) -> None:
+    """The detector's files exist, before anything loads."""
+    from pathlib import Path
+
+    for flag, value in (("--detector", args.detector), ("--class-embeddings", args.class_embeddings)):
+        if value is not None and not Path(value).is_file():
+            raise OvdenseError(f"{flag}: file not found: {value}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise OvdenseError(f"--checkpoint: file not found: {args.checkpoint}")
+
+
+def detector_for_cli(args, verbose: bool = True):
+    """Load the :class:`~ovdense.detection.detector.Detector` the flags name."""
+    from ..detection.detector import Detector
+
+    overrides = {}
+    if args.score_threshold is not None:
+        overrides["score_threshold"] = args.score_threshold
+    if args.max_detections is not None:
+        overrides["max_detections"] = args.max_detections
+    det = Detector.from_pretrained(
+        args.detector,
+        model=args.model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        benchmark=args.benchmark,
+        class_embeddings=args.class_embeddings,
+        device=args.device,
+        clip_head=args.clip_head,
+        **overrides,
+    )
+    if verbose and det.loaded is not None:
+        if det.loaded.is_test_model:
+            warn_test_model(det.loaded.model_name)
+        for note in det.loaded.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return det

@@ -225,6 +225,10 @@ class Detector:
             from .text import read_class_embeddings
 
             class_table = read_class_embeddings(class_embeddings)
+            if "background" not in class_table:
+                raise OvdenseError(
+                    f"class embeddings {class_embeddings} hold no 'background' entry (F-ViT's classifier needs one)"
+                )
         got = read_detector(detector)
         label = f"detector {detector}"
         if got.layout == "mmdet":
@@ -271,6 +275,13 @@ class Detector:
         except (TypeError, ValueError) as err:
             raise OvdenseError(f"{label}: {err}") from None
         _load_head(fvit, got.head, label)
+        if class_table is not None:
+            width = int(next(iter(class_table.values())).shape[0])
+            if width != config.fc_dim:
+                raise OvdenseError(
+                    f"class embeddings {class_embeddings} hold {width}-wide embeddings; the detector's classifier is "
+                    f"{config.fc_dim}-wide (the file was made with another CLIP)"
+                )
         summary = {
             "detector": str(detector),
             "layout": got.layout,
@@ -321,6 +332,11 @@ class Detector:
         return torch.tensor(mask, dtype=torch.bool)
 
     # ---- images -------------------------------------------------------------------------------------------------
+    @property
+    def image(self) -> np.ndarray | None:
+        """The current image (H x W x 3 uint8 RGB), or None before :meth:`set_image`."""
+        return self._image
+
     @torch.no_grad()
     def set_image(self, image) -> None:
         """Run the image pass once (tower, pyramid, RPN, RoI head); :meth:`detect` reuses it for any classes."""
