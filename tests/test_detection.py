@@ -171,7 +171,7 @@ def test_synonyms_take_the_best_name(files):
     d, _ = files
     det = Detector.from_pretrained(d / "fvit.safetensors", class_embeddings=d / "emb.pt", score_threshold=0.0)
     det.set_image(d / "img0.png")
-    regions = det._regions  # noqa: SLF001 - the per-region scores are what the rule is about
+    regions = det.encode_images([d / "img0.png"])[0].regions
     names = ["cat", "kitten", "dog"]
     with torch.no_grad():
         scores = det.model.scores(regions, det.class_embeddings(names), det.base_mask(names))

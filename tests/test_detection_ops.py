@@ -278,6 +278,15 @@ def test_batched_nms_split_path_agrees():
     close(dets_a[:, :4], boxes[keep_a], atol=0)
 
 
+def test_batched_nms_equal_scores_follow_mmcv_unstable_sort():
+    # mmcv's kernel ranks with scores.sort(0, descending=True) (unstable); disjoint boxes with equal scores
+    # come back in that order, not in torchvision's stable order
+    scores = torch.tensor([0.5, 0.7, 0.5, 0.5, 0.7, 0.5] * 20)
+    boxes = torch.tensor([[20.0 * i, 0, 20.0 * i + 10, 10] for i in range(120)])
+    _, keep = batched_nms(boxes, scores, torch.zeros(120, dtype=torch.long), 0.5)
+    assert keep.tolist() == scores.sort(0, descending=True)[1].tolist()
+
+
 # --- RPN proposals --------------------------------------------------------------------------------
 def sig(v):
     return 1 / (1 + math.exp(-v))

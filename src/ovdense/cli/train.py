@@ -18,6 +18,7 @@ OBJECTIVES = {
     "declip": "DeCLIP: content (CLIP crops) + context (VFM affinities)",
     "scd": "SCD: region-language alignment + spatial correlation distillation (optionally via a Refiner)",
     "refiner": "the Refiner for SCD, self-supervised on the frozen CLIP (its own stage)",
+    "fvit": "F-ViT: CLIPSelf's open-vocabulary detector on the frozen tower (OV-COCO)",
 }
 
 #: TrainConfig fields that are no flags: the subcommand, and what only code sets.
@@ -90,9 +91,11 @@ def run(args) -> int:
     if recipe not in RECIPES:
         raise OvdenseError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     try:
-        cfg = TrainConfig(**given).with_recipe(recipe, explicit=set(given))
+        cfg = TrainConfig(**given).with_recipe(recipe, explicit=set(given)).with_objective_defaults(set(given))
     except (TypeError, ValueError) as err:
         raise OvdenseError(str(err)) from None
+    if cfg.objective == "fvit":
+        from ..train.fvit import FViTTrainer as Trainer  # noqa: F811 (the detector's trainer)
     try:
         trainer = Trainer.from_config(cfg)
     except ValueError as err:

@@ -11,7 +11,8 @@ coco           L/14      896     120    0.2    (all)      0.0001    0.5   300
 =============  ========  ======  =====  =====  =========  ========  ====  ======
 
 ``coco`` is the transfer setting: an OV-LVIS detector scored on COCO's 80 classes with a fixed detection temperature
-of 50 and alpha on every class, without its mask head. Towers of other patch sizes take the B/16 row (ours).
+of 50 and alpha on every class, without its mask head. Towers of other patch sizes take the B/16 row, towers
+narrower than 256 an FPN of their own width (ours).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def fvit_config(benchmark: str, tower, **overrides) -> FViTConfig:
     large = tower.patch_size == 14
     settings: dict = {
         "taps": tap_indices(tower.num_blocks),
+        # The authors' towers are 768 or 1024 wide; a narrower (test) tower keeps its own width (ours).
+        "fpn_channels": min(256, tower.width),
         "fc_dim": tower.out_dim,
         "num_train_classes": TRAIN_CLASSES[benchmark],
     }

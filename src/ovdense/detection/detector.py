@@ -22,7 +22,7 @@ import torch
 from ..errors import OvdenseError
 from .benchmarks import BENCHMARKS, fvit_config
 from .checkpoint import FORMAT, is_mmdet_layout, read_safetensors_metadata, split_mmdet_state
-from .fvit import PIXEL_MEAN, PIXEL_STD, FViT, FViTConfig, RegionOutputs
+from .fvit import FViT, FViTConfig, RegionOutputs
 from .result import DetectionResult
 
 log = logging.getLogger(__name__)
@@ -53,24 +53,33 @@ class PreparedImage:
 
 def prepare_image(image: np.ndarray, size: int) -> PreparedImage:
     """mmdet's test pipeline on an H x W x 3 uint8 RGB array: the long side to ``size`` with OpenCV's bilinear
-    resize on the uint8 pixels (new side ``int(side * size / long + 0.5)``), ImageNet normalisation on 0-255, zero
-    padding to ``size`` x ``size``."""
+    resize on the uint8 pixels (mmcv's sizes, :func:`~ovdense.detection.data.rescale_size`), ImageNet
+    normalisation on 0-255 and zero padding to ``size`` x ``size`` (:func:`~ovdense.detection.data.normalise_and_pad`,
+    shared with training)."""
     import cv2
 
+    from .data import normalise_and_pad, rescale_size
+
     h, w = image.shape[:2]
-    factor = min(size / max(h, w), size / min(h, w))
-    new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    new_w, new_h = rescale_size(w, h, (size, size))
     resized = cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    mean = np.asarray(PIXEL_MEAN, dtype=np.float64)
-    std_inv = 1.0 / np.asarray(PIXEL_STD, dtype=np.float64)
-    normalised = ((resized.astype(np.float32) - mean.astype(np.float32)) * std_inv.astype(np.float32)).astype(
-        np.float32
-    )
-    side = max(size, new_h, new_w)
-    padded = np.zeros((side, side, 3), dtype=np.float32)
-    padded[:new_h, :new_w] = normalised
-    tensor = torch.from_numpy(padded).permute(2, 0, 1).contiguous()
+    tensor = normalise_and_pad(resized, size)
     return PreparedImage(tensor, (new_h, new_w), (new_w / w, new_h / h), (h, w))
+
+
+@dataclass
+class EncodedImage:
+    """One image after the detector's class-independent pass (:meth:`Detector.encode_images`).
+
+    Attributes:
+        image: H x W x 3 uint8 RGB as given.
+        prepared: the network input and its geometry.
+        regions: per-proposal boxes and embeddings.
+    """
+
+    image: np.ndarray
+    prepared: PreparedImage
+    regions: RegionOutputs
 
 
 def infer_architecture(visual: dict[str, torch.Tensor]) -> str | None:
@@ -178,9 +187,7 @@ class Detector:
         self.settings = settings
         self.class_table = class_table
         self.base_names = _base_names(benchmark)
-        self._image: np.ndarray | None = None
-        self._prepared: PreparedImage | None = None
-        self._regions: RegionOutputs | None = None
+        self._current: EncodedImage | None = None
         self._embedding_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     @classmethod
@@ -335,46 +342,46 @@ class Detector:
     @property
     def image(self) -> np.ndarray | None:
         """The current image (H x W x 3 uint8 RGB), or None before :meth:`set_image`."""
-        return self._image
+        return None if self._current is None else self._current.image
 
     @torch.no_grad()
-    def set_image(self, image) -> None:
-        """Run the image pass once (tower, pyramid, RPN, RoI head); :meth:`detect` reuses it for any classes."""
+    def encode_images(self, images: Sequence) -> list[EncodedImage]:
+        """The class-independent image pass (tower, pyramid, FPN, RPN, RoI head) of several images in one batch.
+
+        Every image is resized to the same S x S input, so any sizes batch together. Hand the results to
+        :meth:`detect` (``encoded=``) for any number of class lists.
+        """
         from ..predictor import load_image
 
-        rgb = load_image(image)
-        prepared = prepare_image(rgb, self.model.config.image_size)
-        regions = self._regions_of([prepared])[0]
-        self._image, self._prepared, self._regions = rgb, prepared, regions
+        rgbs = [load_image(im) for im in images]
+        prepared = [prepare_image(rgb, self.model.config.image_size) for rgb in rgbs]
+        tensors = torch.stack([p.tensor for p in prepared]).to(self.device)
+        features = self.model.image_features(tensors, [p.image_shape for p in prepared])
+        regions = self.model.regions(features, self.model.propose(features))
+        return [EncodedImage(*parts) for parts in zip(rgbs, prepared, regions, strict=True)]
 
-    def _regions_of(self, prepared: Sequence[PreparedImage]) -> list[RegionOutputs]:
-        images = torch.stack([p.tensor for p in prepared]).to(self.device)
-        features = self.model.image_features(images, [p.image_shape for p in prepared])
-        proposals = self.model.propose(features)
-        return self.model.regions(features, proposals)
+    def set_image(self, image) -> None:
+        """Run the image pass once; :meth:`detect` reuses it for any classes."""
+        self._current = self.encode_images([image])[0]
 
     @torch.no_grad()
-    def detect(self, classes, image=None) -> DetectionResult:
-        """Detect ``classes`` ("cat; dog, puppy; sofa", a list of names or of synonym lists) in the current image
-        (or ``image``, which becomes the current one).
+    def detect(self, classes, image=None, encoded: EncodedImage | None = None) -> DetectionResult:
+        """Detect ``classes`` ("cat; dog, puppy; sofa", a list of names or of synonym lists) in the current image,
+        in ``image`` (which becomes the current one) or in an ``encoded`` one (:meth:`encode_images`).
 
         A class with synonyms takes, per box, the best of its names' ensemble scores (ours: F-ViT has one name per
         class).
         """
         if image is not None:
             self.set_image(image)
-        if self._regions is None:
+        current = encoded if encoded is not None else self._current
+        if current is None:
             raise OvdenseError("no image: call set_image(image) first or pass image=")
-        return self._detect_prepared(self._prepared, self._regions, classes)
+        return self._detect_prepared(current.prepared, current.regions, classes)
 
-    @torch.no_grad()
     def detect_batch(self, images: Sequence, classes) -> list[DetectionResult]:
         """Detect ``classes`` in several images with one batched image pass."""
-        from ..predictor import load_image
-
-        prepared = [prepare_image(load_image(im), self.model.config.image_size) for im in images]
-        regions = self._regions_of(prepared)
-        return [self._detect_prepared(p, r, classes) for p, r in zip(prepared, regions, strict=True)]
+        return [self.detect(classes, encoded=e) for e in self.encode_images(images)]
 
     def _detect_prepared(self, prepared: PreparedImage, regions: RegionOutputs, classes) -> DetectionResult:
         from ..classes import display_names, normalise_classes

@@ -337,8 +337,11 @@ class FViT(nn.Module):
         return self
 
     # ---- the tower ----------------------------------------------------------------------------------------------
-    def tower_maps(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """B x 3 x S x S normalised images -> the four tapped maps (B x C x h x w each) and the CLIP map B x D x h x w.
+    def tower_maps(
+        self, images: torch.Tensor, with_clip_map: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """B x 3 x S x S normalised images -> the four tapped maps (B x C x h x w each) and the CLIP map B x D x h x w
+        (None without ``with_clip_map``: training does not use it, as F-ViT's backbone skips it in train mode).
 
         Runs without gradients: the tower is frozen, so nothing upstream of the pyramid needs a graph.
         """
@@ -353,6 +356,8 @@ class FViT(nn.Module):
             prefix = tower.num_prefix_tokens
             states = [context["states"][i] for i in early] + [z]
             maps = [s[:, prefix:].transpose(1, 2).reshape(s.shape[0], s.shape[2], h, w) for s in states]
+            if not with_clip_map:
+                return maps, None
             if cfg.clip_head == "value":
                 dense = F.normalize(tower.project(z[:, prefix:]), dim=-1)
             else:

@@ -20,8 +20,10 @@ How this differs from torchvision's detection defaults:
   boxes by score. ``torchvision.ops.batched_nms`` switches between the same two strategies at different sizes
   (more than 1000 boxes on CPU, 25000 on CUDA, in torchvision 0.29), which changes box coordinates at the
   float-ulp level (the offset) and so can flip an IoU that sits exactly at the threshold; the dispatch of mmcv
-  is reproduced here on top of ``torchvision.ops.nms``. Remaining possible differences: the order of equal
-  scores (mmcv sorts with an unstable sort; torchvision's kernels may break ties differently) and, on CUDA,
+  is reproduced here on top of ``torchvision.ops.nms``. Equal scores: mmcv ranks with an unstable sort,
+  torchvision with a stable one; boxes are pre-ranked here with mmcv's sort call so ties are visited and
+  returned in mmcv's order (exactly only with the same torch build: the reference runs used an older torch
+  whose unstable sort may order ties differently, which no port can reproduce). Remaining difference: on CUDA,
   mmcv's kernel tests ``inter > thr * union`` where torchvision's divides, ``inter / union > thr`` (only an
   IoU equal to the threshold up to rounding is affected). mmcv passes the IoU threshold to its kernels as a C
   ``float`` and torchvision as a ``double``, so for thresholds such as 0.4 (fp32(0.4) > 0.4) an IoU whose fp32
@@ -71,18 +73,31 @@ def batched_nms(
     offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
     boxes_for_nms = boxes + offsets[:, None]
     if boxes_for_nms.shape[0] < split_threshold:
-        keep = nms(boxes_for_nms, scores, iou_threshold)
+        keep = _nms_in_mmcv_order(boxes_for_nms, scores, iou_threshold)
         kept_scores = scores[keep]
     else:
         total_mask = torch.zeros_like(scores, dtype=torch.bool)
         for group in torch.unique(idxs):
             members = (idxs == group).nonzero(as_tuple=False).view(-1)
-            group_keep = nms(boxes_for_nms[members], scores[members], iou_threshold)
+            group_keep = _nms_in_mmcv_order(boxes_for_nms[members], scores[members], iou_threshold)
             total_mask[members[group_keep]] = True
         keep = total_mask.nonzero(as_tuple=False).view(-1)
         kept_scores, order = scores[keep].sort(descending=True)
         keep = keep[order]
     return torch.cat([boxes[keep], kept_scores[:, None]], dim=-1), keep
+
+
+def _nms_in_mmcv_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``torchvision.ops.nms`` visiting boxes in the order mmcv 1.7.0's kernels do.
+
+    mmcv's kernels (mmcv/ops/csrc/pytorch/cpu/nms.cpp, .../cuda/nms_cuda.cu) rank with ``scores.sort(0, true)``,
+    an unstable sort, while torchvision's rank with a stable one: equal scores (common for saturated sigmoid RPN
+    scores and quantised class scores) would be visited, and returned, in another order. Pre-ranking with the
+    same unstable sort and handing torchvision already-sorted scores (its stable sort then keeps that order)
+    reproduces mmcv's order whenever the same torch build is used.
+    """
+    order = scores.sort(0, descending=True)[1]
+    return order[nms(boxes[order], scores[order], iou_threshold)]
 
 
 def flatten_level(cls: torch.Tensor, reg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

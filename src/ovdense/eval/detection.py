@@ -198,11 +198,13 @@ def coco_categories(coco_gt_categories: list[dict], source: str = "the annotatio
     return _match_categories(wanted, coco_gt_categories, source)
 
 
-def _is_int(v) -> bool:
+def is_json_int(v) -> bool:
+    """An integer JSON value (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_json_number(v) -> bool:
+    """A finite real JSON number (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -215,7 +217,8 @@ def _finite(values) -> list[float] | None:
     return out if len(out) == len(values) and all(map(math.isfinite, out)) else None
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
@@ -234,21 +237,21 @@ def _validate(dataset, path) -> None:
             raise bad(f"{has} {key!r} list; not a COCO instances file")
     image_ids: set = set()
     for i, img in enumerate(dataset["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
+        if not isinstance(img, dict) or not is_json_int(img.get("id")):
             raise bad(f"image #{i} has no integer 'id'")
         if img["id"] in image_ids:
             raise bad(f"image id {img['id']} appears twice")
         image_ids.add(img["id"])
     category_ids: set = set()
     for i, cat in enumerate(dataset["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or not is_json_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise bad(f"category #{i} needs an integer 'id' and a 'name'")
         if cat["id"] in category_ids:
             raise bad(f"category id {cat['id']} appears twice")
         category_ids.add(cat["id"])
     ann_ids: set = set()
     for i, ann in enumerate(dataset["annotations"]):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+        if not isinstance(ann, dict) or not is_json_int(ann.get("id")):
             raise bad(f"annotation #{i} has no integer 'id'")
         name = f"annotation {ann['id']}"
         if ann["id"] in ann_ids:
@@ -259,16 +262,16 @@ def _validate(dataset, path) -> None:
             if key not in ann:
                 raise bad(f"{name} has no {key!r}")
         if ann["image_id"] not in image_ids:
-            raise bad(f"{name} has image_id {_short(ann['image_id'])}, which is not in 'images'")
+            raise bad(f"{name} has image_id {short_repr(ann['image_id'])}, which is not in 'images'")
         if ann["category_id"] not in category_ids:
-            raise bad(f"{name} has category_id {_short(ann['category_id'])}, which is not in 'categories'")
+            raise bad(f"{name} has category_id {short_repr(ann['category_id'])}, which is not in 'categories'")
         bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
-            raise bad(f"{name} has bbox {_short(bbox)}, not 4 numbers [x, y, width, height]")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(is_json_number, bbox)):
+            raise bad(f"{name} has bbox {short_repr(bbox)}, not 4 numbers [x, y, width, height]")
         if bbox[2] <= 0 or bbox[3] <= 0:
             raise bad(f"{name} has a box of width {bbox[2]} and height {bbox[3]}; both must be > 0")
-        if not _is_number(ann["area"]) or ann["iscrowd"] not in (0, 1):
-            raise bad(f"{name} has area {_short(ann['area'])} and iscrowd {_short(ann['iscrowd'])}")
+        if not is_json_number(ann["area"]) or ann["iscrowd"] not in (0, 1):
+            raise bad(f"{name} has area {short_repr(ann['area'])} and iscrowd {short_repr(ann['iscrowd'])}")
 
 
 def _coco_from_dataset(dataset: dict):
@@ -438,11 +441,11 @@ def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[li
         if bbox is None or len(bbox) != 4 or score is None:
             raise InvalidArgumentError(
                 f"detections[{i}] needs a bbox of 4 finite numbers and a finite score; got bbox "
-                f"{_short(det['bbox'])}, score {_short(det['score'])}"
+                f"{short_repr(det['bbox'])}, score {short_repr(det['score'])}"
             )
         if det["category_id"] not in evaluated:
             raise InvalidArgumentError(
-                f"detections[{i}] has category_id {_short(det['category_id'])}, not one of the "
+                f"detections[{i}] has category_id {short_repr(det['category_id'])}, not one of the "
                 f"{len(categories.ids)} evaluated categories"
             )
         if det["image_id"] not in gt_images:
@@ -450,7 +453,7 @@ def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[li
                 dropped += 1
                 continue
             raise InvalidArgumentError(
-                f"detections[{i}] has image_id {_short(det['image_id'])}, which is not in the annotation file"
+                f"detections[{i}] has image_id {short_repr(det['image_id'])}, which is not in the annotation file"
             )
         kept.append(
             {

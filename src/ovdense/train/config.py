@@ -22,6 +22,16 @@ RECIPES: dict[str, dict] = {
 }
 
 
+#: Defaults of the F-ViT objective where they differ from the fields' (CLIPSelf's F-ViT configs: AdamW 1e-4 for a
+#: batch of 64, betas (0.9, 0.999), weight decay 0.1 on every parameter, 250 warm-up steps, 3 epochs of OV-COCO,
+#: 8 images per process; the saved weights are the detector's, not an ensemble). ``image_size`` None: the
+#: benchmark's (640 for /16 towers, 896 for /14).
+OBJECTIVE_DEFAULTS: dict[str, dict] = {
+    "fvit": dict(
+        lr=1e-4, epochs=3, warmup_steps=250, batch_size=8, betas=(0.9, 0.999), eps=1e-8, alpha=1.0, image_size=None
+    ),
+}
+
 #: Fields with a closed set of values (the command line offers them as choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
@@ -29,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "context_loss": ("l2", "kl"),
     "content_loss": ("roi", "tokens"),
     "precision": PRECISIONS,
+    "benchmark": ("ov-coco",),
 }
 
 
@@ -72,7 +83,9 @@ class TrainConfig:
         None, "train only the last N transformer blocks (default all)", range=POSITIVE_INT
     )
     # data
-    image_size: int = _flag(560, "student input side (longest side resized, padded right/bottom)", range=POSITIVE_INT)
+    image_size: int | None = _flag(
+        560, "student input side (longest side resized, padded right/bottom; fvit: the benchmark's)", range=POSITIVE_INT
+    )
     max_split: int = _flag(6, "grid crops: up to this many rows (and columns)", range=POSITIVE_INT)
     max_boxes: int = _flag(20, "grid crops: at most this many cells per image", range=POSITIVE_INT)
     workers: int = _flag(4, "image-decoding worker processes", range=COUNT)
@@ -144,6 +157,11 @@ class TrainConfig:
         4, "Refiner stage: N of the N x N tokens matched per crop", objective="refiner", range=POSITIVE_INT
     )
     refiner_tau: float = _flag(0.2, "Refiner stage: InfoNCE temperature (ours)", objective="refiner", range=POSITIVE)
+    # F-ViT detector (ovdense train fvit)
+    benchmark: str = _flag("ov-coco", "F-ViT: the detection benchmark trained for (ov-coco)", objective="fvit")
+    class_embeddings: str | None = _flag(
+        None, "F-ViT: class-embedding file (.pt: name -> vector, with background) for the classes", objective="fvit"
+    )
     # optimisation
     epochs: int = _flag(6, "passes over the data", range=POSITIVE_INT)
     batch_size: int = _flag(4, "images per process per micro-batch", range=POSITIVE_INT)
@@ -170,6 +188,7 @@ class TrainConfig:
     val_data: str | None = _flag(None, "COCO panoptic folder: region classification at each epoch end")
     val_limit: int | None = _flag(None, "validation images (default all)", range=POSITIVE_INT)
     val_image_size: int = _flag(560, "detection input side of the validation", range=POSITIVE_INT)
+    val_every: int = _flag(1, "validate every N epochs (and after the last)", range=POSITIVE_INT)
     resume: str | None = _flag(None, "run folder (or its state/) to continue from")
     extra: dict = field(default_factory=dict)
 
@@ -195,6 +214,13 @@ class TrainConfig:
         explicit = explicit or set()
         updates = {k: v for k, v in RECIPES[recipe].items() if k not in explicit}
         return dataclasses.replace(self, recipe=recipe, **updates)
+
+    def with_objective_defaults(self, explicit: set[str] | None = None) -> TrainConfig:
+        """This config with its objective's own defaults (:data:`OBJECTIVE_DEFAULTS`) for every field not in
+        ``explicit``."""
+        explicit = explicit or set()
+        updates = {k: v for k, v in OBJECTIVE_DEFAULTS.get(self.objective, {}).items() if k not in explicit}
+        return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

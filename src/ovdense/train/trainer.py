@@ -299,6 +299,7 @@ class Trainer:
 
         named = self._named_trainable()
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in named.items()}
+        tensors.update({f"buffer/{n}": b.detach().cpu().contiguous() for n, b in self.state_buffers().items()})
         for n, p in named.items():
             st = self.optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -319,6 +320,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": _rng_state(),
+            **self.state_meta(),
             "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
         }
         return publish_state(self.out / STATE_DIR, weights, meta, label=str(self.step))
@@ -346,7 +348,14 @@ class Trainer:
                         st[key] = t.to(p.device) if key != "step" else t.clone()
                 if st:
                     self.optimizer.state[p] = st
+        with torch.no_grad():
+            for n, b in self.state_buffers().items():
+                src = tensors.get(f"buffer/{n}")
+                if src is None or src.shape != b.shape:
+                    raise OvdenseError(f"cannot resume: {folder / WEIGHTS_FILE} lacks a matching buffer {n}")
+                b.copy_(src)
         try:
+            self.load_state_meta(meta)
             if self.scaler is not None and meta.get("scaler"):
                 self.scaler.load_state_dict(meta["scaler"])
             self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
@@ -358,6 +367,26 @@ class Trainer:
                 f"cannot resume: the resume point {folder} is damaged: {folder / STATE_FILE} is incomplete ({what})"
             ) from None
         self._saved_at = (self.epoch, self.batch_in_epoch)  # this point is on disk already
+
+    # Hooks a trainer of another kind of model overrides (the F-ViT trainer does).
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers the resume point keeps besides the trainable parameters (BatchNorm statistics...): none here."""
+        return {}
+
+    def state_meta(self) -> dict:
+        """Extra JSON-able entries of the resume point."""
+        return {}
+
+    def load_state_meta(self, meta: dict) -> None:
+        """Read back what :meth:`state_meta` wrote."""
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based): linear warm-up then cosine to 0."""
+        return cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.total_steps)
+
+    def forward_batch(self, forward, batch: dict):
+        """The student's pass on a batch (what the objective scores)."""
+        return forward(batch["image"])
 
     def ensembled_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint holds, on the CPU: ``alpha·student + (1−alpha)·initial`` (alpha < 1)."""
@@ -407,6 +436,7 @@ class Trainer:
             sampler=self.sampler,
             num_workers=self.cfg.workers,
             drop_last=True,
+            collate_fn=getattr(self.dataset, "collate", None),
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
@@ -419,7 +449,7 @@ class Trainer:
 
         forward = self.ddp if self.ddp is not None else self.student
         with self._autocast():
-            out = forward(batch["image"])
+            out = self.forward_batch(forward, batch)
             terms = self.objective(batch, out)
         total = weighted_total(terms, self.objective.weights)
         loss = total / self.cfg.accum_steps
@@ -429,7 +459,14 @@ class Trainer:
             loss.backward()
         return {**{k: v.detach() for k, v in terms.items()}, "loss": total.detach()}
 
+    #: Gradient clipping (max L2 norm over the trainable parameters), or None (DeCLIP clips nothing).
+    grad_clip: float | None = None
+
     def _optimizer_step(self) -> None:
+        if self.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(list(self._named_trainable().values()), self.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -470,7 +507,7 @@ class Trainer:
                 if self.batch_in_epoch >= batches:
                     break
                 if self.batch_in_epoch % cfg.accum_steps == 0:
-                    lr = cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps)
+                    lr = self.lr_at(self.step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                 self.skipped += int(batch["skipped"].sum())
@@ -506,7 +543,8 @@ class Trainer:
             if main:
                 last_ckpt = self.save_checkpoint(epoch + 1, state)
             self._save_state_all()
-            if cfg.val_data and clip:
+            due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if cfg.val_data and self.objective.exports != "refiner" and due:
                 self._validate(state, epoch + 1, logger)
             if stop:
                 break
