@@ -260,7 +260,7 @@ class Detector:
         settings = dict(got.config or {})
         settings.pop("extra", None)
         test_keys = (
-            "image_size", "vlm_temperature", "alpha", "beta", "ensemble_all_classes", "score_threshold", "nms_iou",
+            "vlm_temperature", "alpha", "beta", "ensemble_all_classes", "score_threshold", "nms_iou",
             "max_detections",
         )
         base = fvit_config(benchmark, loaded.tower).to_dict()
@@ -272,7 +272,7 @@ class Detector:
             settings["fpn_channels"] = int(got.head["fpn.inner_blocks.0.0.weight"].shape[0])
             if benchmark == "coco":
                 settings["with_mask"] = False
-        else:
+        else:  # an ovdense detector keeps the input size it was trained at; the test rule is the benchmark's
             settings.update({k: base[k] for k in test_keys})
         settings.update(clip_head=clip_head, declip_mode=declip_mode)
         try:

@@ -73,12 +73,10 @@ def multilevel_roi_align(
     levels = map_roi_levels(rois, len(feats), finest_scale)
     for level, (feat, stride) in enumerate(zip(feats, strides, strict=True)):
         inds = (levels == level).nonzero(as_tuple=False).squeeze(1)
-        if inds.numel() > 0:
-            out[inds] = roi_align_single(feat, rois[inds], stride, output_size, sampling_ratio)
-        else:
-            # mmdet adds feats[i].sum() * 0 so every level joins the autograd graph (DDP would otherwise hang
-            # on unused parameters); harmless and kept for the same reason.
-            out = out + feat.sum() * 0.0
+        # Every level is pooled, also with no RoI (an empty result): every level joins the autograd graph (mmdet
+        # adds ``feats[i].sum() * 0`` for DDP's sake), and the graph has the same shape whatever the RoIs, so
+        # processes synchronising BatchNorm in the backward pass meet their collectives in the same order.
+        out[inds] = roi_align_single(feat, rois[inds], stride, output_size, sampling_ratio)
     return out
 
 

@@ -252,7 +252,8 @@ def rpn_targets_and_loss(
         ``num_total_samples = sum_i max(P_i, 1) + sum_i max(N_i, 1)`` (``get_targets``: an image without
         positives still counts 1; float32 eps, ``weight_reduce_loss``). mmdet computes these per level with the
         same divisor and its log sums the levels, which is one sum over all anchors (up to fp32 summation order).
-        Inputs are cast to fp32 (``force_fp32``).
+        Inputs are cast to fp32 (``force_fp32``). ``rpn_samples``: that divisor (a 0-d tensor), for a caller that
+        normalises over several processes.
     """
     if not len(objectness) == len(deltas) == len(gt_boxes):
         raise ValueError(f"{len(objectness)} objectness, {len(deltas)} deltas and {len(gt_boxes)} gt lists")
@@ -277,7 +278,11 @@ def rpn_targets_and_loss(
         reg_target = coder.encode(anchors[pos], gt[assign.gt_inds[pos] - 1])
         reg_sum.append((pred.float()[pos] - reg_target).abs().sum())
     avg = num_total + _AVG_EPS
-    return {"loss_rpn_cls": torch.stack(cls_sum).sum() / avg, "loss_rpn_bbox": torch.stack(reg_sum).sum() / avg}
+    return {
+        "loss_rpn_cls": torch.stack(cls_sum).sum() / avg,
+        "loss_rpn_bbox": torch.stack(reg_sum).sum() / avg,
+        "rpn_samples": torch.tensor(float(num_total)),
+    }
 
 
 # ---- RCNN ------------------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class FViTTrainModule(nn.Module):
         from ..detection.postprocess import flatten_level, rpn_proposals
         from ..detection.roi import multilevel_roi_align
         from ..detection.targets import rcnn_loss, rcnn_targets, rpn_targets_and_loss
+        from .objectives import regions_share
 
         fvit = self.fvit
         images = batch["images"]
@@ -136,7 +137,17 @@ class FViTTrainModule(nn.Module):
         det_embeddings, box_deltas = fvit.box_head(roi_features)
         cls_logits = det_embeddings @ fvit.train_embeddings.to(det_embeddings) * fvit.box_head.temperature
         rcnn_terms = rcnn_loss(cls_logits, box_deltas, targets, self.class_weight)
-        return {**rpn_terms, **rcnn_terms}
+        # mmdet averages over each process's own samples; scaled so that the gradient DDP averages is the mean over
+        # the global batch's samples, as one process would compute it (ours; 1 on a single process).
+        rpn_share = regions_share(float(rpn_terms.pop("rpn_samples")))
+        rcnn_share = regions_share(int(targets.rois.shape[0]))
+        return {
+            "loss_rpn_cls": rpn_terms["loss_rpn_cls"] * rpn_share,
+            "loss_rpn_bbox": rpn_terms["loss_rpn_bbox"] * rpn_share,
+            "loss_cls": rcnn_terms["loss_cls"] * rcnn_share,
+            "loss_bbox": rcnn_terms["loss_bbox"] * rcnn_share,
+            "acc": rcnn_terms["acc"].detach(),
+        }
 
 
 class FViTObjective:
@@ -144,10 +155,11 @@ class FViTObjective:
 
     name = "fvit"
     exports = "fvit"
-    weights = {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 1.0}
+    #: ``acc`` (the RCNN's accuracy in %, detached) is logged beside the losses and weighs nothing.
+    weights = {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 1.0, "acc": 0.0}
 
     def __call__(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in out.items() if k in self.weights}
+        return out  # the weighted total reads the four losses; ``acc`` (RCNN accuracy, %) is logged only
 
 
 class FViTTrainer(Trainer):
@@ -256,6 +268,17 @@ class FViTTrainer(Trainer):
         batch = dict(batch)
         batch["sample_seed"] = [sample_seed(self.cfg.seed, self.epoch, int(i)) for i in batch["index"]]
         return forward(batch)
+
+    def logged_values(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global batch's terms: each process's terms are its share of the global mean (see the train module),
+        so their mean over the processes is what one process with the whole batch would log."""
+        if self.dist.world_size == 1:
+            return values
+        from ..distributed import sum_over_processes
+
+        names = list(values)
+        stacked = sum_over_processes(torch.stack([values[n].float().cpu() for n in names])) / self.dist.world_size
+        return dict(zip(names, stacked, strict=True))
 
     def state_buffers(self) -> dict[str, torch.Tensor]:
         """BatchNorm statistics of the pyramid, FPN and heads (the tower's are frozen)."""

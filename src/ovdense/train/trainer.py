@@ -384,6 +384,10 @@ class Trainer:
         """The learning rate of optimiser step ``step`` (0-based): linear warm-up then cosine to 0."""
         return cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.total_steps)
 
+    def logged_values(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a step logs: this process's terms (the distillation objectives log rank 0's)."""
+        return values
+
     def forward_batch(self, forward, batch: dict):
         """The student's pass on a batch (what the objective scores)."""
         return forward(batch["image"])
@@ -457,7 +461,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        return {**{k: v.detach() for k, v in terms.items()}, "loss": total.detach()}
+        return self.logged_values({**{k: v.detach() for k, v in terms.items()}, "loss": total.detach()})
 
     #: Gradient clipping (max L2 norm over the trainable parameters), or None (DeCLIP clips nothing).
     grad_clip: float | None = None
