@@ -313,3 +313,37 @@ def test_eval_det_refuses_bad_annotations_before_loading(files, tmp_path, capsys
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len([ln for ln in err.splitlines() if ln.startswith("ovdense: error:")]) == 1 and "Traceback" not in err
+
+
+def test_eval_det_under_torchrun_gives_the_same_numbers(files, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    d, _ = files
+    root = tmp_path / "coco"
+    write_coco(root, d)
+    from ovdense.eval.detection import COCO_2017_CATEGORIES
+
+    names = [n for _, n in COCO_2017_CATEGORIES]
+    emb = torch.nn.functional.normalize(torch.randn(32, 81, generator=torch.Generator().manual_seed(2)), dim=0)
+    write_class_embeddings(tmp_path / "coco_emb.pt", names, emb)
+    argv = ["eval-det", "--benchmark", "ov-coco", "--data-root", str(root), "--detector", str(d / "fvit.safetensors"),
+            "--class-embeddings", str(tmp_path / "coco_emb.pt"), "--save-predictions", "--workers", "0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ovdense", *argv, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "ovdense", *argv, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert m1["num_images"] == m2["num_images"] == 3
+    for key in ("novel_ap50", "base_ap50", "all_ap50"):
+        assert m1[key] == m2[key], key
+    d1, d2 = (json.loads((tmp_path / r / "detections.json").read_text()) for r in ("one", "two"))
+    assert len(d1) == len(d2) and d1
+    for a, b in zip(d1, d2, strict=True):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert np.allclose(a["bbox"], b["bbox"], atol=1e-4) and abs(a["score"] - b["score"]) < 1e-6
