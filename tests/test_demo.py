@@ -328,3 +328,298 @@ def test_demo_says_what_is_wrong_with_an_upload(crafted, tmp_path, monkeypatch, 
     log = capfd.readouterr()
     for noise in ("Traceback", "UnidentifiedImageError", "ComponentProcessingError", "Error"):
         assert noise not in log.err and noise not in log.out, (noise, log.err[-2000:])
+
+
+# ------------------------------------------------------------------------------------------ the detection page
+
+DET_TOWER = "ovdense-test-eva02"
+DET_NAMES = ["person", "chair", "dining table", "bottle", "cat", "dog"]
+DET_CLASSES = "person; chair; dining table; bottle"
+
+
+@pytest.fixture(scope="module")
+def fvit_files(tmp_path_factory):
+    """A tiny random F-ViT on the EVA02 test tower at 128 px (both layouts) and a 32-wide class-embedding file."""
+    import torch
+
+    from ovdense.detection.checkpoint import save_mmdet, save_safetensors
+    from ovdense.detection.text import write_class_embeddings
+    from test_detection import tiny_fvit
+
+    d = tmp_path_factory.mktemp("fvit")
+    model = tiny_fvit(image_size=128)
+    save_safetensors(model, d / "fvit.safetensors", DET_TOWER)
+    save_mmdet(model, d / "fvit.pth")
+    generator = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(32, len(DET_NAMES) + 1, generator=generator), dim=0)
+    write_class_embeddings(d / "emb.pt", DET_NAMES, emb)
+    return d
+
+
+def detector(files, **kwargs):
+    from ovdense.detection.detector import Detector
+
+    return Detector.from_pretrained(files / "fvit.safetensors", class_embeddings=files / "emb.pt", **kwargs)
+
+
+def count_calls(obj, name: str) -> list:
+    """Wrap ``obj.name`` to record each call; the list of calls."""
+    calls, original = [], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
+
+
+def test_detection_reuses_the_image_pass_across_classes_and_scores(fvit_files, tmp_path):
+    import json
+
+    from ovdense.demo import DetectionSession
+
+    det = detector(fvit_files)
+    demo = DetectionSession(det, out_dir=tmp_path, min_score=0.0)
+    passes, detections = count_calls(det.model, "image_features"), count_calls(det, "detect")
+    first = demo.detect(PHOTO, DET_CLASSES, name="voc.jpg")
+    assert len(passes) == 1 and len(detections) == 1
+    second = demo.detect(PHOTO, "person; chair", name="voc.jpg")  # new classes: no image pass
+    assert (len(passes), len(detections)) == (1, 2)
+    assert set(second.result.class_names) == {"person", "chair"}
+    median = float(np.median(second.result.scores))
+    fewer = demo.detect(PHOTO, "person; chair", median, name="voc.jpg")  # the slider: no image pass, no detection
+    demo.detect(PHOTO, "person; chair", 0.0, name="voc.jpg")
+    assert (len(passes), len(detections)) == (1, 2)
+    assert fewer.result is second.result and 0 < len(fewer.rows) < len(second.rows) == len(second.result)
+    demo.detect(PHOTO[:, ::-1].copy(), "person; chair")  # a new image: its pass
+    assert (len(passes), len(detections)) == (2, 3)
+
+    # The overlay: the image with the drawn boxes, then the legend of the drawn classes.
+    assert first.overlay.size == first.result.overlay(PHOTO, 0.0).size and first.overlay.width > 500
+    assert first.overlay.height >= 375
+    alone = np.asarray(fewer.result.overlay(PHOTO, median, legend=False))
+    np.testing.assert_array_equal(np.asarray(fewer.overlay)[:375, :500], alone)
+    assert not np.array_equal(alone, PHOTO)  # boxes are drawn
+
+    # The files: the overlay PNG and the JSON of the drawn detections, best first.
+    png, summary = (Path(f) for f in fewer.files)
+    assert (png.name, summary.name) == ("voc_boxes.png", "voc.json")
+    np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(fewer.overlay))
+    data = json.loads(summary.read_text())
+    assert data["image"] == "voc.jpg" and data["model"] == DET_TOWER and data["benchmark"] == "ov-coco"
+    assert data["min_score"] == median and data["class_names"] == ["person", "chair"]
+    assert data["image_size"] == {"height": 375, "width": 500}
+    assert data["detections"] == fewer.rows and len(fewer.rows) == int((second.result.scores >= median).sum())
+    scores = [d["score"] for d in data["detections"]]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= median
+    best = int(np.argmax(second.result.scores))
+    assert data["detections"][0]["class_name"] == second.result.class_names[second.result.labels[best]]
+    np.testing.assert_allclose(data["detections"][0]["box_xyxy"], second.result.boxes[best], atol=1e-4)
+
+
+def test_detection_session_errors_are_one_line(fvit_files, tmp_path):
+    from ovdense.demo import DetectionSession
+
+    demo = DetectionSession(detector(fvit_files), out_dir=tmp_path)
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("this is not a jpeg")
+    for call, message in [
+        (lambda: demo.detect(PHOTO, "", 0.1), "class list is empty"),
+        (lambda: demo.detect(PHOTO, "  ;  ", 0.1), "class 0 is empty"),
+        (lambda: demo.detect(PHOTO, "person; unicorn"), "emb.pt has no embedding for class 'unicorn'"),
+        (lambda: demo.detect(PHOTO, "cat; cat"), "duplicate class 'cat'"),
+        (lambda: demo.detect(None, "cat"), "upload an image first"),
+        (lambda: demo.detect(PHOTO, "cat", 1.5), "min score must be in 0..1, got 1.5"),
+        (lambda: demo.detect(PHOTO, "cat", float("nan")), "min score must be in 0..1"),
+        (lambda: DetectionSession.read_image(str(notes)), "cannot read image notes.jpg: not a recognised image"),
+        (lambda: DetectionSession.read_image(None), "upload an image first"),
+    ]:
+        with pytest.raises(OvdenseError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert demo.detect(PHOTO, "cat").result.class_names == ["cat"]  # a refused call leaves the session working
+    with pytest.raises(OvdenseError, match="min score must be in 0..1"):
+        DetectionSession(detector(fvit_files), min_score=-0.1)
+
+
+def test_detection_session_defaults_and_examples(fvit_files, tmp_path):
+    from ovdense.demo import DETECTION_EXAMPLES, DetectionSession, detection_examples, detections_html
+
+    demo = DetectionSession(detector(fvit_files), out_dir=tmp_path)
+    assert demo.min_score == 0.3 and demo.score_threshold == pytest.approx(0.01)
+    assert DetectionSession(detector(fvit_files, score_threshold=0.5)).min_score == 0.5
+    assert demo.vocabulary == DET_NAMES
+    # The examples keep the names the class-embedding file holds, and all of them run.
+    examples = demo.examples()
+    assert [Path(p).name for p, _ in examples] == [name for name, _ in DETECTION_EXAMPLES]
+    for path, classes in examples:
+        names = [n.strip() for group in classes.split(";") for n in group.split(",")]
+        assert names and set(names) <= set(DET_NAMES), classes
+        demo.detect(DetectionSession.read_image(path), classes)
+    assert detection_examples()[0][1] == DETECTION_EXAMPLES[0][1]  # the text tower: every name
+    # The table: one row per drawn detection; nothing drawn says so and how high the best scores.
+    view = demo.detect(PHOTO, DET_CLASSES, 0.0)
+    page = detections_html(view)
+    assert page.count('class="detection"') == len(view.rows) == len(view.result) > 0
+    assert f'data-shown="{len(view.rows)}"' in page and 'data-class="dining table"' in page
+    empty = detections_html(demo.detect(PHOTO, DET_CLASSES, 1.0))
+    assert 'class="detection"' not in empty and "lower the slider" in empty
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--detector", "missing.pth"], "--detector: file not found: missing.pth"),
+        (["--detector", "{d}/fvit.safetensors", "--model", "ovdense-test-vit"], "was built on ovdense-test-eva02"),
+        (["--detector", "{d}/fvit.pth", "--model", "ovdense-test-vit"], "ovdense-test-vit"),
+        (["--detector", "{d}/fvit.pth", "--class-embeddings", "missing.pt"], "--class-embeddings: file not found"),
+        (["--detector", "{d}/fvit.pth", "--methods", "sclip"], "--methods applies to the segmentation page"),
+        (["--detector", "{d}/fvit.pth", "--vfm", "dino-b8"], "--vfm applies to the segmentation page"),
+        (["--class-embeddings", "{d}/emb.pt"], "--class-embeddings applies to the detection page: add --detector"),
+        (["--detector", "{d}/fvit.pth", "--score-threshold", "1.5"], "--score-threshold: score_threshold must be"),
+        (["--detector", "{d}/fvit.pth", "--max-detections", "0"], "--max-detections"),
+        (["--detector", "{d}/fvit.pth", "--benchmark", "voc"], "--benchmark: invalid choice: 'voc'"),
+    ],
+)
+def test_cli_demo_detector_bad_flags_are_one_line(fvit_files, argv, message, capsys):
+    argv = [a.format(d=fvit_files) for a in argv]
+    try:
+        code = main(["demo", "--port", "7997"] + argv)
+    except SystemExit as exit_:  # refused while the arguments are parsed (a range or a closed set)
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("ovdense: error: ")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_cli_demo_detector_needs_a_source_of_class_embeddings(fvit_files, monkeypatch, capsys):
+    import ovdense.cli.common as common
+
+    loaded = common.detector_for_cli
+
+    def without_text(args, verbose=True):  # as a real tower with no --pretrained/--checkpoint: no text weights
+        det = loaded(args, verbose)
+        det.loaded.has_text_weights = False
+        return det
+
+    monkeypatch.setattr(common, "detector_for_cli", without_text)
+    assert main(["demo", "--detector", str(fvit_files / "fvit.safetensors")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ovdense: error")]
+    assert len(err) == 1 and "--pretrained" in err[0] and "--class-embeddings" in err[0]
+
+
+def test_cli_demo_serves_the_detection_page(fvit_files, monkeypatch, capsys):
+    import gradio as gr
+
+    from ovdense.demo import DetectionSession
+
+    launched, sessions = {}, []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, app=self))
+    monkeypatch.setattr(DetectionSession, "__init__", _recording(DetectionSession.__init__, sessions))
+    argv = ["demo", "--detector", str(fvit_files / "fvit.pth"), "--model", DET_TOWER, "--port", "7998"]
+    argv += ["--class-embeddings", str(fvit_files / "emb.pt"), "--score-threshold", "0.2", "--max-detections", "7"]
+    assert main(argv) == 0
+    assert launched["server_port"] == 7998 and not launched["share"]
+    ids = {getattr(block, "elem_id", None): block for block in launched["app"].blocks.values()}
+    assert {"image", "classes", "min-score", "run", "boxes", "detections", "downloads"} <= set(ids)
+    assert "overlays" not in ids and "attention" not in ids  # the detection page only
+    assert ids["min-score"].value == 0.2 and ids["classes"].value == "person"  # the astronaut, in the file's names
+    (session,) = sessions
+    assert session.score_threshold == pytest.approx(0.2) and session.detector.model.config.max_detections == 7
+    assert session.warning.startswith(f"WARNING: {DET_TOWER}: RANDOM test weights")
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:7998/" in err and "RANDOM" in err
+
+
+def _recording(init, sessions):
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sessions.append(self)
+
+    return record
+
+
+def test_detection_demo_in_a_real_browser(fvit_files, tmp_path, monkeypatch):
+    _chromium_or_skip()
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from playwright.sync_api import sync_playwright
+
+    from ovdense.demo import DetectionSession, build_app
+
+    det = detector(fvit_files)
+    warning = f"WARNING: {DET_TOWER}: RANDOM test weights; the boxes mean nothing"
+    app = build_app(DetectionSession(det, out_dir=tmp_path / "files", warning=warning, min_score=0.0))
+    passes = count_calls(det.model, "image_features")
+    port = _free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    photo = tmp_path / "voc.jpg"
+    Image.fromarray(PHOTO).save(photo, quality=95)
+    uploaded = np.asarray(Image.open(photo).convert("RGB"))
+    direct = DetectionSession(detector(fvit_files), out_dir=tmp_path / "direct", min_score=0.0)
+    expected = direct.detect(uploaded, DET_CLASSES)
+    high = float(np.quantile(expected.result.scores, 0.75))
+
+    def table(page):
+        rows = page.locator("#detections tr.detection")
+        return [(rows.nth(i).get_attribute("data-class"), float(rows.nth(i).get_attribute("data-score")))
+                for i in range(rows.count())]  # fmt: skip
+
+    def shown(page) -> int:
+        return int(page.locator("#detections .summary").get_attribute("data-shown"))
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(f"http://127.0.0.1:{port}/")
+            assert "RANDOM" in page.locator("#model-warning").inner_text()
+            assert "emb.pt" in page.locator("#classes").inner_text()  # the names the class-embedding file holds
+
+            page.set_input_files("#image input[type=file]", str(photo))
+            page.wait_for_selector("#image img", timeout=30_000)
+            page.fill("#classes textarea", DET_CLASSES)
+            page.click("#run")
+            page.wait_for_selector("#detections tr.detection", timeout=120_000)
+
+            # The table: the session's detections, best first, of the typed classes.
+            got = table(page)
+            want = [(r["class_name"], r["score"]) for r in expected.rows]
+            assert [c for c, _ in got] == [c for c, _ in want] and {c for c, _ in got} <= set(DET_NAMES)
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-6)
+            # The output image: the overlay the session draws (PNG: pixel for pixel), the image and its legend.
+            overlay = np.asarray(_fetch_image(page, "#boxes", 0))
+            assert overlay.shape[0] >= 375 and overlay.shape[1] > 500
+            np.testing.assert_array_equal(overlay, np.asarray(expected.overlay))
+            # The JSON to download: the drawn detections.
+            link = page.locator('#downloads a[download="voc.json"]').first
+            data = page.request.get(link.get_attribute("href")).json()
+            assert [d["class_name"] for d in data["detections"]] == [c for c, _ in want]
+
+            # The slider: fewer boxes, with no new image pass.
+            page.locator("#min-score input[type=number]").fill(f"{high:.2f}")
+            page.locator("#min-score input[type=number]").press("Enter")
+            fewer = sum(s >= float(f"{high:.2f}") for _, s in want)
+            page.wait_for_function(
+                f"() => document.querySelector('#detections .summary')?.dataset.shown === '{fewer}'", timeout=60_000
+            )
+            assert 0 < shown(page) < len(want) and all(s >= float(f"{high:.2f}") for _, s in table(page))
+            # New classes: only the text side again.
+            page.fill("#classes textarea", "person")
+            page.click("#run")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#detections tr.detection')].every(r => r.dataset.class === "
+                "'person') && document.querySelectorAll('#detections tr.detection').length > 0",
+                timeout=60_000,
+            )
+            assert len(passes) == 1
+            screenshot = tmp_path / "demo_detection.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            if os.environ.get("OVDENSE_SCREENSHOT_DIR"):
+                shutil.copy(screenshot, Path(os.environ["OVDENSE_SCREENSHOT_DIR"]) / "demo_detection.png")
+            browser.close()
+    finally:
+        app.close()

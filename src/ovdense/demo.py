@@ -10,6 +10,14 @@ and, with a VFM, the VFM's attention and affinity (:mod:`ovdense.attention`).
 :func:`build_app` lays out the Gradio page (extra ``[demo]``: ``pip install 'ovdense[demo]'``). One CLIP serves
 every method; each method's :class:`~ovdense.predictor.Segmenter` keeps the image's features, so changing only
 the classes reruns only the text side.
+
+With ``--detector`` (``ovdense demo --detector fvit.pth ...``) the page is a **detection** page instead, and only
+that: :class:`DetectionSession` holds an F-ViT :class:`~ovdense.detection.detector.Detector`; upload an image, type
+classes, **Detect**: the boxes with their class and score over the image and a legend, a table of the detections
+(class, score, box) and their JSON and overlay PNG to download. A slider sets the lowest score shown. The image
+pass runs once per image; new classes rerun only the text side and the ensemble, and moving the slider only redraws.
+(The segmentation methods take their CLIP from --model, the detector its tower; one page per run keeps --model
+meaning one thing, so the segmentation flags are refused with --detector.)
 """
 
 from __future__ import annotations
@@ -24,13 +32,31 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .errors import InvalidArgumentError, OvdenseError
 
-__all__ = ["EXAMPLES", "AttentionView", "DemoSession", "MethodView", "build_app", "example_images"]
+if TYPE_CHECKING:
+    from .detection.result import DetectionResult
+
+__all__ = [
+    "DETECTION_EXAMPLES",
+    "EXAMPLES",
+    "AttentionView",
+    "DemoSession",
+    "DetectionSession",
+    "DetectionView",
+    "MethodView",
+    "build_app",
+    "build_detection_app",
+    "detection_examples",
+    "detections_html",
+    "example_images",
+    "read_upload",
+]
 
 #: Example images shipped with ovdense (``demo_examples/``, public domain or CC0; see its README) and classes.
 EXAMPLES = (
@@ -40,10 +66,52 @@ EXAMPLES = (
 )
 
 
+#: The same images with classes for the detection page (COCO names where COCO has the thing).
+DETECTION_EXAMPLES = (
+    ("astronaut.jpg", "person, astronaut; flag; rocket"),
+    ("coffee.jpg", "cup, coffee cup; spoon; saucer; dining table"),
+    ("chelsea.jpg", "cat; couch; bed"),
+)
+
+
 def example_images() -> list[tuple[str, str]]:
     """(path, classes) of the shipped examples."""
     folder = Path(__file__).parent / "demo_examples"
     return [(str(folder / name), classes) for name, classes in EXAMPLES]
+
+
+def detection_examples(vocabulary: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(path, classes) of the shipped examples for the detection page.
+
+    Args:
+        vocabulary: the names a class-embedding file holds (None: any name, the text tower embeds it); each
+            example keeps only those (a class none of whose names is in it is left out), so that every example runs.
+    """
+    from .classes import parse_class_string
+
+    folder = Path(__file__).parent / "demo_examples"
+    examples = []
+    for name, classes in DETECTION_EXAMPLES:
+        if vocabulary is not None:
+            known = set(vocabulary)
+            groups = [[n for n in group if n in known] for group in parse_class_string(classes)]
+            classes = "; ".join(", ".join(group) for group in groups if group) or "; ".join(list(vocabulary)[:3])
+        examples.append((str(folder / name), classes))
+    return examples
+
+
+def read_upload(path: str | Path | None) -> np.ndarray:
+    """The uploaded file as the command line reads images (:func:`ovdense.images.decode_image`: EXIF, 16 bits,
+    transparency, the pixel limit), its messages naming the file as uploaded (not the server's copy).
+
+    Raises:
+        OvdenseError: no file, not an image, damaged, over the pixel limit (one line).
+    """
+    from .images import decode_image
+
+    if path is None:
+        raise InvalidArgumentError("upload an image first (or pick an example)")
+    return decode_image(path, what=Path(path).name)
 
 
 @dataclass
@@ -157,19 +225,8 @@ class DemoSession:
     def num_blocks(self) -> int:
         return self.loaded.tower.num_blocks
 
-    @staticmethod
-    def read_image(path: str | Path | None) -> np.ndarray:
-        """The uploaded file as the command line reads images (:func:`ovdense.images.decode_image`: EXIF, 16 bits,
-        transparency, the pixel limit), its messages naming the file as uploaded (not the server's copy).
-
-        Raises:
-            OvdenseError: no file, not an image, damaged, over the pixel limit (one line).
-        """
-        from .images import decode_image
-
-        if path is None:
-            raise InvalidArgumentError("upload an image first (or pick an example)")
-        return decode_image(path, what=Path(path).name)
+    #: :func:`read_upload`.
+    read_image = staticmethod(read_upload)
 
     def _check_methods(self, methods: Sequence[str]) -> list[str]:
         methods = [m for m in methods or () if m]
@@ -291,6 +348,152 @@ class DemoSession:
         return views
 
 
+@dataclass
+class DetectionView:
+    """The detections of one image as the detection page shows them.
+
+    Attributes:
+        overlay: the image with the boxes scoring at least ``min_score`` (tag ``"name 0.87"``, class colour) and a
+            legend of the drawn classes with their counts (:meth:`DetectionResult.overlay
+            <ovdense.detection.result.DetectionResult.overlay>`).
+        result: every detection the detector kept (its score threshold and detection limit), in its order.
+        rows: the drawn detections, best first, as the JSON lists them: ``{"label", "class_name", "score",
+            "box_xyxy"}`` (original pixels).
+        min_score: the lowest score drawn.
+        files: the overlay PNG and the JSON (the drawn detections) written for download.
+    """
+
+    overlay: Image.Image
+    result: DetectionResult
+    rows: list[dict]
+    min_score: float
+    files: list[str]
+
+
+class DetectionSession:
+    """The detection page's work: an F-ViT's boxes for any classes (no Gradio in it, so it is tested directly).
+
+    The image pass (:meth:`Detector.set_image <ovdense.detection.detector.Detector.set_image>`) runs once per
+    image; new classes rerun the text side, the ensemble and NMS; a new ``min_score`` only redraws.
+
+    Args:
+        detector: a loaded :class:`~ovdense.detection.detector.Detector`.
+        out_dir: where the downloadable files go (default: a new temporary folder).
+        warning: a line shown at the top of the page (the random test model's).
+        min_score: the slider's starting value, the lowest score drawn (default: 0.3, or the detector's own
+            threshold when that is higher).
+    """
+
+    def __init__(self, detector, out_dir: str | Path | None = None, warning: str | None = None,
+                 min_score: float | None = None):  # fmt: skip
+        self.detector = detector
+        self.warning = warning
+        if min_score is None:
+            min_score = max(0.3, self.score_threshold)
+        self.min_score = self._check_min_score(min_score)
+        self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ovdense-demo-"))
+        self._key: str | None = None  # the image the detector holds
+        self._last: tuple | None = None  # ((image key, classes), result) of the last detection
+        self._lock = threading.Lock()  # one request at a time uses the detector
+        self._runs = 0
+
+    #: :func:`read_upload`.
+    read_image = staticmethod(read_upload)
+
+    @property
+    def score_threshold(self) -> float:
+        """The detector's own threshold: it keeps no detection scoring below it."""
+        return float(self.detector.model.config.score_threshold)
+
+    @property
+    def vocabulary(self) -> list[str] | None:
+        """The class names of the class-embedding file (``background`` left out); None: the text tower embeds any."""
+        table = self.detector.class_table
+        return None if table is None else [name for name in table if name != "background"]
+
+    def examples(self) -> list[tuple[str, str]]:
+        """:func:`detection_examples` for this detector's vocabulary."""
+        return detection_examples(self.vocabulary)
+
+    @staticmethod
+    def _check_min_score(min_score) -> float:
+        try:
+            value = float(min_score)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"min score must be a number in 0..1, got {min_score!r}") from None
+        if not 0.0 <= value <= 1.0:  # also refuses nan
+            raise InvalidArgumentError(f"min score must be in 0..1, got {min_score}")
+        return value
+
+    def _set_image(self, image: np.ndarray) -> str:
+        """Hand the image to the detector unless it already holds it (its image pass is kept)."""
+        key = _image_key(image)
+        if self._key != key:
+            self._key = None  # a failed pass leaves no stale image behind
+            self.detector.set_image(image)
+            self._key = key
+        return key
+
+    def detect(self, image: np.ndarray, classes: str, min_score: float | None = None,
+               name: str | None = None) -> DetectionView:  # fmt: skip
+        """Detect ``classes`` (``"person; dog, puppy; sofa"``) in ``image`` (H x W x 3 uint8); draw those scoring at
+        least ``min_score`` (default the session's) and write the overlay PNG and the JSON of those.
+
+        Args:
+            name: the image's file name, for the JSON and the files' names.
+
+        Raises:
+            OvdenseError: no image, bad classes (empty, duplicates, a name missing from the class-embedding file), a
+                score outside 0..1 (one line).
+        """
+        from .classes import normalise_classes
+        from .detection.result import DetectionResult
+        from .fileio import write_group_atomic
+
+        if image is None:
+            raise InvalidArgumentError("upload an image first (or pick an example)")
+        min_score = self.min_score if min_score is None else self._check_min_score(min_score)
+        try:
+            parsed = normalise_classes(classes)
+        except ValueError as err:
+            raise InvalidArgumentError(str(err)) from None
+        with self._lock:
+            key = (self._set_image(image), tuple(tuple(group) for group in parsed))
+            if self._last is not None and self._last[0] == key:
+                result = self._last[1]
+            else:
+                result = self.detector.detect(parsed)
+                self._last = (key, result)
+            keep = result.shown(min_score)
+            drawn = DetectionResult(result.boxes[keep], result.scores[keep], result.labels[keep],
+                                    result.class_names, result.image_size)  # fmt: skip
+            overlay = result.overlay(image, min_score)
+            settings = self.detector.settings
+            summary = {
+                "image": name,
+                "detector": settings.get("detector"),
+                "model": settings.get("model"),
+                "benchmark": self.detector.benchmark,
+                "score_threshold": self.score_threshold,
+                "min_score": min_score,
+                **drawn.to_json(),
+            }
+            self._runs += 1
+            folder = self.out_dir / f"run-{self._runs}"
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = Path(name).stem if name else "image"
+            overlay_path, json_path = folder / f"{stem}_boxes.png", folder / f"{stem}.json"
+            data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+            # The overlay and its JSON appear together, as `ovdense detect` writes them.
+            write_group_atomic(
+                {
+                    overlay_path: lambda f: overlay.save(f, format="PNG"),
+                    json_path: lambda f: f.write(data),
+                }
+            )
+        return DetectionView(overlay, result, summary["detections"], min_score, [str(overlay_path), str(json_path)])
+
+
 # -------------------------------------------------------------------------------------------------- page
 
 
@@ -315,45 +518,60 @@ def legend_html(views: Sequence[MethodView]) -> str:
     return "".join(parts)
 
 
-def build_app(session: DemoSession, default_methods: Sequence[str] | None = None):
-    """The Gradio page of a :class:`DemoSession` (a ``gradio.Blocks``; call ``.launch()``)."""
+def _page_error(message):
+    """The one-line message in the page (Gradio renders it as HTML: a file name is text), and no traceback in the
+    server log: it is the user's input, not a fault of the server."""
+    import gradio as gr
+
+    return gr.Error(html.escape(" ".join(str(message).split())), print_exception=False)
+
+
+def _hand_over_as_uploaded(component) -> None:
+    """Let the image component hand the uploaded file's path over as it is. Gradio's own check opens it with
+    Pillow and, for a file that is no image (or one over Pillow's bomb limit), fails before our handler, with
+    bare "Error" badges and a traceback in the server log; :func:`read_upload` reads it instead and says what is
+    wrong, in one line on the page. (An instance attribute: a ``gr.Image`` subclass would make Gradio write a
+    ``.pyi`` stub next to this module.)"""
+    own = component.preprocess
+
+    def preprocess(payload):
+        try:
+            with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: read_upload decides
+                warnings.simplefilter("ignore")
+                return own(payload)
+        except Exception:
+            path = getattr(payload, "path", None)
+            if path is None:
+                raise _page_error("cannot read the uploaded file; upload an image (JPEG, PNG, ...)") from None
+            return str(path)
+
+    component.preprocess = preprocess
+
+
+def _read_for_page(session, path) -> np.ndarray:
+    """``session.read_image(path)``, its message on the page."""
+    try:
+        return session.read_image(path)
+    except OvdenseError as err:
+        raise _page_error(err) from None
+
+
+def build_app(session: DemoSession | DetectionSession, default_methods: Sequence[str] | None = None):
+    """The Gradio page of a :class:`DemoSession` (a ``gradio.Blocks``; call ``.launch()``), or of a
+    :class:`DetectionSession` (:func:`build_detection_app`)."""
+    if isinstance(session, DetectionSession):
+        return build_detection_app(session)
     import gradio as gr
 
     methods = session.methods
     chosen = list(default_methods) if default_methods else methods[:2]
     examples = example_images()
 
-    def page_error(message: str):
-        """The one-line message in the page (Gradio renders it as HTML: a file name is text), and no traceback in
-        the server log: it is the user's input, not a fault of the server."""
-        return gr.Error(html.escape(" ".join(str(message).split())), print_exception=False)
-
-    def hand_over_as_uploaded(component) -> None:
-        """Let the image component hand the uploaded file's path over as it is. Gradio's own check opens it with
-        Pillow and, for a file that is no image (or one over Pillow's bomb limit), fails before our handler, with
-        bare "Error" badges and a traceback in the server log; :meth:`DemoSession.read_image` reads it instead and
-        says what is wrong, in one line on the page. (An instance attribute: a ``gr.Image`` subclass would make
-        Gradio write a ``.pyi`` stub next to this module.)"""
-        own = component.preprocess
-
-        def preprocess(payload):
-            try:
-                with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: read_image decides
-                    warnings.simplefilter("ignore")
-                    return own(payload)
-            except Exception:
-                path = getattr(payload, "path", None)
-                if path is None:
-                    raise page_error("cannot read the uploaded file; upload an image (JPEG, PNG, ...)") from None
-                return str(path)
-
-        component.preprocess = preprocess
+    page_error = _page_error
+    hand_over_as_uploaded = _hand_over_as_uploaded
 
     def read(path):
-        try:
-            return session.read_image(path)
-        except OvdenseError as err:
-            raise page_error(err) from None
+        return _read_for_page(session, path)
 
     def on_segment(path, classes, picked, threshold, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
         image = read(path)
@@ -433,4 +651,110 @@ def build_app(session: DemoSession, default_methods: Sequence[str] | None = None
         classes.submit(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
         image.select(on_click, [image, layer, classes, picked], [attention, peaks, point])
         layer.change(on_layer, [image, point, layer, classes, picked], [attention, peaks])
+    return app
+
+
+# -------------------------------------------------------------------------------------------------- detection page
+
+
+def detections_html(view: DetectionView) -> str:
+    """The drawn detections as an HTML table, best first: swatch, class, score, box (``data-*`` for scripts), under
+    a line saying how many of the detector's detections are drawn."""
+    from .detection.result import detection_colours
+
+    result = view.result
+    shown, total = len(view.rows), len(result)
+    if shown:
+        line = f"{shown} of {total} detections scoring at least {view.min_score:.2f}"
+    elif total:
+        best = float(result.scores.max())
+        line = f"no detection scores {view.min_score:.2f} or more (the best {best:.2f}): lower the slider"
+    else:
+        line = "no detections"
+    parts = [f'<div id="ovdense-detections"><p class="summary" data-shown="{shown}" data-total="{total}">'
+             f"{html.escape(line)}</p>"]  # fmt: skip
+    if shown:
+        colours = detection_colours(len(result.class_names))
+        parts.append('<div style="max-height:36em;overflow-y:auto"><table class="ovdense-detections"><tr><th></th>'
+                     "<th>class</th><th>score</th><th>box x1, y1, x2, y2</th></tr>")  # fmt: skip
+        for row in view.rows:
+            name = html.escape(row["class_name"])
+            box = ", ".join(f"{v:.1f}" for v in row["box_xyxy"])
+            swatch = "rgb({}, {}, {})".format(*(int(c) for c in colours[row["label"]]))
+            parts.append(
+                f'<tr class="detection" data-class="{name}" data-score="{row["score"]}" data-box="{box}">'
+                f'<td><span style="display:inline-block;width:1em;height:1em;border:1px solid #666;'
+                f'background:{swatch}"></span></td><td>{name}</td><td>{row["score"]:.3f}</td><td>{box}</td></tr>'
+            )
+        parts.append("</table></div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _vocabulary_note(session: DetectionSession, limit: int = 30) -> str:
+    vocabulary = session.vocabulary
+    if vocabulary is None:
+        return "`;` between classes, `,` between names of one class; any words (the CLIP's text tower embeds them)"
+    source = Path(str(session.detector.settings.get("class_embeddings"))).name
+    names = ", ".join(vocabulary[:limit]) + (", ..." if len(vocabulary) > limit else "")
+    return f"only names of {source} ({len(vocabulary)}): {names}"
+
+
+def build_detection_app(session: DetectionSession):
+    """The Gradio detection page of a :class:`DetectionSession` (a ``gradio.Blocks``; call ``.launch()``)."""
+    import gradio as gr
+
+    examples = session.examples()
+    settings = session.detector.settings
+
+    def on_detect(path, classes, min_score):
+        image = _read_for_page(session, path)
+        try:
+            view = session.detect(image, classes, min_score, name=Path(path).name)
+        except OvdenseError as err:
+            raise _page_error(err) from None
+        return view.overlay, detections_html(view), view.files, True
+
+    def on_min_score(path, classes, min_score, detected):
+        if not detected or path is None:  # nothing shown yet: the slider only sets the next run's score
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return on_detect(path, classes, min_score)
+
+    with gr.Blocks(title="ovdense demo: detection") as app:
+        gr.Markdown(
+            "# ovdense: find any class in an image\n"
+            "Upload an image, type classes (`;` between classes, `,` between names of one class), **Detect**. "
+            "The image is encoded once: new classes take a moment, and the slider (the lowest score drawn) redraws "
+            "at once."
+        )
+        if session.warning:
+            gr.HTML(f'<div id="model-warning" style="color:#b00;font-weight:bold">{html.escape(session.warning)}</div>')
+        detector = Path(str(settings.get("detector"))).name
+        gr.HTML(
+            f'<div id="detector-info">F-ViT {html.escape(detector)} on {html.escape(str(settings.get("model")))}, '
+            f"{html.escape(session.detector.benchmark)} settings; it keeps at most {settings.get('max_detections')} "
+            f"detections scoring above {session.score_threshold:g}</div>"
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                # image_mode=None: the file as uploaded, decoded as the command line decodes it (read_upload).
+                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="image",
+                                 sources=["upload", "clipboard"])  # fmt: skip
+                _hand_over_as_uploaded(image)
+                classes = gr.Textbox(label="classes", value=examples[0][1], elem_id="classes",
+                                     info=_vocabulary_note(session))  # fmt: skip
+                min_score = gr.Slider(0, 1, value=session.min_score, step=0.01, elem_id="min-score",
+                                      label="min score shown")  # fmt: skip
+                run = gr.Button("Detect", variant="primary", elem_id="run")
+                gr.Examples([[p, c] for p, c in examples], inputs=[image, classes], label="examples")
+            with gr.Column(scale=2):
+                boxes = gr.Image(type="pil", format="png", label="detections", elem_id="boxes", interactive=False)
+                files = gr.File(label="overlay PNG and JSON", file_count="multiple", elem_id="downloads",
+                                interactive=False)  # fmt: skip
+                table = gr.HTML(elem_id="detections")
+        detected = gr.State(False)
+        outputs = [boxes, table, files, detected]
+        run.click(on_detect, [image, classes, min_score], outputs)
+        classes.submit(on_detect, [image, classes, min_score], outputs)
+        min_score.change(on_min_score, [image, classes, min_score, detected], outputs, trigger_mode="always_last")
     return app

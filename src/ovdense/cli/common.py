@@ -331,25 +331,41 @@ def numeric_flags(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ())
     return rows
 
 
+def add_detector_args(p: argparse.ArgumentParser, required: bool = True, model_flags: bool = True) -> None:
+    """The "detector" flag group of ``detect``, ``eval-det`` and the demo's detection mode.
 
-def add_detector_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The "detector" flag group of ``detect``, ``eval-det`` and the demo's detection mode."""
+    Args:
+        required: --detector must be given.
+        model_flags: also --model, --pretrained, --checkpoint, --device and --max-pixels; False where
+            :func:`add_model_args` already defines them (the demo), whose --model then names the detector's CLIP.
+    """
     from ..ranges import FRACTION, POSITIVE_INT
 
-    g = p.add_argument_group("detector")
+    if model_flags:
+        g = p.add_argument_group("detector")
+    else:
+        g = p.add_argument_group(
+            "detector",
+            "with --detector the page detects boxes (F-ViT); --model is then the CLIP of the detector's tower "
+            "(default: read from the detector), --pretrained/--checkpoint the CLIP weights of its text tower; the "
+            "page's min-score slider starts at --score-threshold (default 0.3, or the detector's threshold if higher)",
+        )
     g.add_argument(
         "--detector",
         required=required,
         default=None,
         help="F-ViT weights: CLIPSelf's mmdet .pth or an ovdense .safetensors (ovdense train fvit)",
     )
-    g.add_argument(
-        "--model",
-        default=None,
-        help="the CLIP of the detector's tower (EVA02-B-16, EVA02-L-14-336...; default: read from the detector)",
-    )
-    g.add_argument("--pretrained", default=None, help="open_clip tag of the CLIP whose text tower embeds class names")
-    g.add_argument("--checkpoint", default=None, help="... or a local CLIP weights file for the text tower")
+    if model_flags:
+        g.add_argument(
+            "--model",
+            default=None,
+            help="the CLIP of the detector's tower (EVA02-B-16, EVA02-L-14-336...; default: read from the detector)",
+        )
+        g.add_argument(
+            "--pretrained", default=None, help="open_clip tag of the CLIP whose text tower embeds class names"
+        )
+        g.add_argument("--checkpoint", default=None, help="... or a local CLIP weights file for the text tower")
     g.add_argument(
         "--class-embeddings",
         default=None,
@@ -367,7 +383,8 @@ def add_detector_args(p: argparse.ArgumentParser, required: bool = True) -> None
         choices=("value", "declip"),
         help="CLIP region features: F-ViT's value path (default) or DeCLIP's q-q last block (ours)",
     )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if model_flags:
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument(
         "--score-threshold",
         type=flag_type("score_threshold", FRACTION),
@@ -380,12 +397,13 @@ def add_detector_args(p: argparse.ArgumentParser, required: bool = True) -> None
         default=None,
         help="detections kept per image (default the benchmark's: 100 OV-COCO, 300 OV-LVIS)",
     )
-    g.add_argument(
-        "--max-pixels",
-        type=flag_type("max_pixels", COUNT),
-        default=None,
-        help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
-    )
+    if model_flags:
+        g.add_argument(
+            "--max-pixels",
+            type=flag_type("max_pixels", COUNT),
+            default=None,
+            help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
+        )
 
 
 def check_detector_inputs(args) -> None:

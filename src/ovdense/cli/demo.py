@@ -1,4 +1,5 @@
-"""``ovdense demo``: a web page (Gradio) to try methods on your images and click points for attention."""
+"""``ovdense demo``: a web page (Gradio) to try methods on your images and click points for attention; with
+``--detector``, a page of an F-ViT's boxes instead (see :mod:`ovdense.demo`)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,84 @@ import sys
 from ..errors import OvdenseError
 from ..methods import methods as registered
 from ..ranges import Range, flag_type
-from .common import add_model_args, apply_max_pixels, load_for_cli, load_vfm_for_cli
+from .common import add_detector_args, add_model_args, apply_max_pixels, load_for_cli, load_vfm_for_cli
+
+#: The methods of the segmentation page when --methods is not given.
+DEFAULT_METHODS = "sclip,naclip,declip"
 
 
 def register(subparsers) -> None:
-    dm = subparsers.add_parser("demo", help="a web page to try methods on your images and click points for attention")
-    dm.add_argument("--methods", default="sclip,naclip,declip", help="comma list (default sclip,naclip,declip)")
+    dm = subparsers.add_parser(
+        "demo", help="a web page to try methods on your images and click points for attention (or F-ViT boxes)"
+    )
+    dm.add_argument("--methods", default=None, help=f"comma list (default {DEFAULT_METHODS}); not with --detector")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     dm.add_argument(
         "--port", type=flag_type("port", Range(1, 65535, integer=True)), default=7860, help="port (default 7860)"
     )
     add_model_args(dm, preset_overrides=False, masks=True, method=False)
+    add_detector_args(dm, required=False, model_flags=False)
     dm.set_defaults(func=run)
 
 
-def run(args) -> int:
+def _given(args, flags) -> list[str]:
+    """The flags of ``(flag, dest, default)`` whose value is not the default."""
+    return [flag for flag, dest, default in flags if getattr(args, dest) != default]
+
+
+#: Flags of the segmentation page only (refused with --detector).
+SEGMENTATION_FLAGS = (
+    ("--methods", "methods", None),
+    ("--vfm", "vfm", None),
+    ("--vfm-checkpoint", "vfm_checkpoint", None),
+    ("--mask-generator", "mask_generator", None),
+    ("--mask-model", "mask_model", None),
+    ("--precision", "precision", "auto"),
+    ("--window-batch", "window_batch", 16),
+    ("--text-cache", "text_cache", None),
+)
+
+#: Flags of the detection page only (refused without --detector).
+DETECTION_FLAGS = (
+    ("--class-embeddings", "class_embeddings", None),
+    ("--benchmark", "benchmark", "ov-coco"),
+    ("--clip-head", "clip_head", "value"),
+    ("--score-threshold", "score_threshold", None),
+    ("--max-detections", "max_detections", None),
+)
+
+
+def _check_gradio() -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise OvdenseError("the demo needs Gradio: pip install 'ovdense[demo]'") from None
+
+
+def _serve(app, args) -> int:
     from ..errors import first_line
 
+    print(f"ovdense demo: http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise OvdenseError(f"cannot serve on {args.host}:{args.port}: {first_line(err)}") from None
+    return 0
+
+
+def run(args) -> int:
+    if args.detector is not None:
+        return run_detection(args)
+    misplaced = _given(args, DETECTION_FLAGS)
+    if misplaced:
+        raise OvdenseError(f"{misplaced[0]} applies to the detection page: add --detector D.pth|D.safetensors")
     known = registered()
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    text = DEFAULT_METHODS if args.methods is None else args.methods
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in known]
     if not methods or unknown:
-        raise OvdenseError(f"--methods: expected a comma list of {', '.join(known)}; got {args.methods!r}")
+        raise OvdenseError(f"--methods: expected a comma list of {', '.join(known)}; got {text!r}")
     apply_max_pixels(args)
     specs = {m: known[m] for m in methods}
     needs_masks = [m for m, spec in specs.items() if spec.uses_masks]
@@ -37,11 +94,7 @@ def run(args) -> int:
         raise OvdenseError(f"{needs_masks[0]} needs class-agnostic masks of each upload: add --mask-generator sam")
     if args.mask_generator and not needs_masks:
         raise OvdenseError("--mask-generator and --mask-model apply to corrclip; it is not among --methods")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise OvdenseError("the demo needs Gradio: pip install 'ovdense[demo]'") from None
+    _check_gradio()
     from ..demo import DemoSession, build_app
 
     args.method = methods[0]  # the weights and VFM a method defaults to: the first method's
@@ -67,10 +120,31 @@ def run(args) -> int:
         mask_generator=generator, text_cache_dir=False if args.text_cache == "off" else args.text_cache,
         warning=warning, weights=weights,
     )  # fmt: skip
-    app = build_app(session)
-    print(f"ovdense demo: http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
-    try:
-        app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
-    except OSError as err:  # the port is taken, or the address is not this machine's
-        raise OvdenseError(f"cannot serve on {args.host}:{args.port}: {first_line(err)}") from None
-    return 0
+    return _serve(build_app(session), args)
+
+
+def run_detection(args) -> int:
+    """The detection page: an F-ViT (--detector), its CLIP (--model, read from the detector when omitted), the text
+    tower's weights (--pretrained/--checkpoint) or a class-embedding file."""
+    from .common import check_detector_inputs, detector_for_cli
+
+    misplaced = _given(args, SEGMENTATION_FLAGS)
+    if misplaced:
+        raise OvdenseError(f"{misplaced[0]} applies to the segmentation page; with --detector the demo detects boxes")
+    apply_max_pixels(args)
+    check_detector_inputs(args)
+    _check_gradio()
+    from ..demo import DetectionSession, build_app
+
+    det = detector_for_cli(args)
+    if det.class_table is None and not (det.loaded is not None and det.loaded.has_text_weights):
+        raise OvdenseError(
+            "the detection page embeds the classes typed: pass the CLIP's weights for its text tower (--pretrained "
+            "or --checkpoint) or an F-ViT class-embedding file (--class-embeddings)"
+        )
+    warning = None
+    if det.loaded is not None and det.loaded.is_test_model:
+        warning = (f"WARNING: {det.loaded.model_name}: RANDOM test weights; the boxes mean nothing "
+                   "(for trying the page only).")  # fmt: skip
+    session = DetectionSession(det, warning=warning, min_score=args.score_threshold)
+    return _serve(build_app(session), args)
