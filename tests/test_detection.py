@@ -347,3 +347,46 @@ def test_eval_det_under_torchrun_gives_the_same_numbers(files, tmp_path):
     for a, b in zip(d1, d2, strict=True):
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         assert np.allclose(a["bbox"], b["bbox"], atol=1e-4) and abs(a["score"] - b["score"]) < 1e-6
+
+
+def test_a_patch_14_tower_pools_at_float_strides(monkeypatch):
+    """An L/14-like tower: pyramid strides 3.5 ... 28 (P6 56); RoIs pooled at 1/3.5 ... 1/28, the CLIP map at 1/14."""
+    import open_clip
+    from timm.models.eva import Eva
+
+    import ovdense.detection.roi as roi
+    from ovdense.backbones import tower_for
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = open_clip.create_model("ovdense-test-eva02")
+        trunk = clip.visual.trunk
+        clip.visual.trunk = Eva(
+            img_size=224, patch_size=14, embed_dim=64, depth=3, num_heads=4, qkv_fused=False, mlp_ratio=4 * 2 / 3,
+            swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16),
+            global_pool="token", num_classes=trunk.head.out_features,
+        )  # fmt: skip
+        tower = tower_for(clip.eval())
+        model = FViT(tower, fvit_config("ov-coco", tower, image_size=112, fpn_channels=32)).eval()
+    assert tower.patch_size == 14 and model.config.image_size == 112
+    assert model.strides == [3.5, 7.0, 14.0, 28.0, 56.0]
+    scales = []
+    real = roi.roi_align
+
+    def spy(feature, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+        size = output_size[0] if isinstance(output_size, tuple) else output_size
+        scales.append((round(1 / spatial_scale, 6), tuple(feature.shape[-2:]), size, aligned, sampling_ratio))
+        return real(feature, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    monkeypatch.setattr(roi, "roi_align", spy)
+    with torch.no_grad():
+        features = model.image_features(torch.randn(1, 3, 112, 112), [(112, 90)])
+        assert [tuple(level.shape[-2:]) for level in features.levels] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+        assert tuple(features.clip_map.shape[-2:]) == (8, 8)
+        regions = model.regions(features, model.propose(features))[0]
+    used = {(s, shape) for s, shape, size, aligned, ratio in scales if size == 7 and aligned and ratio == 0}
+    assert used <= {(3.5, (32, 32)), (7.0, (16, 16)), (14.0, (8, 8)), (28.0, (4, 4))} and used
+    assert any(s == 14.0 and size == 1 and shape == (8, 8) for s, shape, size, _, _ in scales)  # the CLIP map
+    assert regions.boxes.shape[1] == 4 and (regions.boxes[:, 2] <= 90 + 1e-4).all()  # clipped to the image
+    anchors = model.anchors.grid_anchors([(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)])[0]
+    assert torch.allclose(anchors[1], torch.tensor([-14.0, -14.0, 14.0, 14.0]))  # ratio 1 at (0, 0): side 3.5 x 8
