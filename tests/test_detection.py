@@ -390,3 +390,10 @@ def test_a_patch_14_tower_pools_at_float_strides(monkeypatch):
     assert regions.boxes.shape[1] == 4 and (regions.boxes[:, 2] <= 90 + 1e-4).all()  # clipped to the image
     anchors = model.anchors.grid_anchors([(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)])[0]
     assert torch.allclose(anchors[1], torch.tensor([-14.0, -14.0, 14.0, 14.0]))  # ratio 1 at (0, 0): side 3.5 x 8
+
+
+def test_ov_lvis_says_that_every_class_is_scored_as_novel(tmp_path):
+    save_safetensors(tiny_fvit("ov-lvis", image_size=96), tmp_path / "lvis.safetensors", TOWER)
+    with pytest.warns(UserWarning, match="LVIS base/novel split is not shipped yet"):
+        det = Detector.from_pretrained(tmp_path / "lvis.safetensors", benchmark="ov-lvis")
+    assert not det.base_mask(["person", "aerosol can"])[:2].any()

@@ -1,4 +1,8 @@
-"""``ovdense detect``: open-vocabulary boxes with an F-ViT; writes a box overlay PNG and a JSON per image."""
+"""``ovdense detect``: open-vocabulary boxes with an F-ViT; writes a box overlay PNG and a JSON per image.
+
+A detector with a mask head (OV-LVIS) also gives instance masks: the overlay blends them in and each JSON detection
+holds ``mask_rle``, COCO's compressed RLE (:meth:`ovdense.detection.result.DetectionResult.to_json` with ``rle``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from .outputs import ImageFailures, add_overwrite_flag, decode_sizes, run_inputs
 
 def register(subparsers) -> None:
     det = subparsers.add_parser(
-        "detect", help="detect any class names with an F-ViT detector; writes box overlays and JSON"
+        "detect",
+        help="detect any class names with an F-ViT detector; writes box overlays and JSON (with masks as COCO RLE "
+        "for a mask-head detector, OV-LVIS)",
     )
     det.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     det.add_argument("--classes", default=None, help='"cat; dog, puppy; sofa" (; between classes, , between synonyms)')
@@ -62,7 +68,7 @@ def run(args) -> int:
                 "detector": str(args.detector),
                 "model": det.settings["model"],
                 "benchmark": args.benchmark,
-                **result.to_json(),
+                **result.to_json(rle=True),
             }
             overlay = result.overlay(det.image)
             data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -224,6 +224,15 @@ class ImageFeatures:
     clip_map: torch.Tensor
     image_shapes: list[tuple[int, int]]
 
+    def image(self, index: int, num_levels: int = 4) -> ImageFeatures:
+        """Image ``index`` alone with its first ``num_levels`` FPN levels (P2-P5 by default: what
+        :meth:`FViT.mask_probs` pools). Slices are views: they keep the batch's tensors of those levels alive."""
+        return ImageFeatures(
+            [level[index : index + 1] for level in self.levels[:num_levels]],
+            self.clip_map[index : index + 1],
+            [self.image_shapes[index]],
+        )
+
 
 @dataclass
 class RegionOutputs:
@@ -416,6 +425,32 @@ class FViT(nn.Module):
             out.append(RegionOutputs(p[:, :4], boxes, det_embeddings[start : start + n], clip[start : start + n]))
             start += n
         return out
+
+    def mask_probs(self, features: ImageFeatures, boxes_per_image: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Class-agnostic mask probabilities of given boxes: mmdet ``_mask_forward`` at test (14 x 14 RoIAlign on
+        P2-P5 by the level rule, the FCN mask head, then the sigmoid of ``get_seg_masks``).
+
+        Args:
+            features: the images' :class:`ImageFeatures` (only P2-P5 are read).
+            boxes_per_image: per image K_i x 4 boxes in network-input pixels (for F-ViT's test: the final
+                detections multiplied back by ``scale_factor``, :func:`ovdense.detection.masks.to_input`).
+
+        Returns:
+            per image K_i x 28 x 28 float32 probabilities.
+
+        Raises:
+            ValueError: the model has no mask head (``with_mask=False``).
+        """
+        if self.mask_head is None:
+            raise ValueError("this F-ViT has no mask head (with_mask=False)")
+        counts = [int(b.shape[0]) for b in boxes_per_image]
+        device = features.levels[0].device
+        if sum(counts) == 0:
+            return [torch.zeros(0, 28, 28, device=device) for _ in counts]
+        rois = rois_from_boxes([b.to(device=device, dtype=torch.float32) for b in boxes_per_image])
+        roi_features = multilevel_roi_align(features.levels[:4], self.strides[:4], rois, 14)
+        probs = self.mask_head(roi_features).float().sigmoid()[:, 0]
+        return list(probs.split(counts))
 
     def scores(self, region: RegionOutputs, class_embeddings: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Ensemble scores K x (C+1) of one image's regions for D x (C+1) unit class embeddings (background last)."""

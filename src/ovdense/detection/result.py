@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..viz import MAX_PALETTE, VizInputError, label_palette
 
-__all__ = ["DetectionResult", "detection_colours"]
+__all__ = ["DetectionResult", "detection_colours", "mask_to_rle"]
 
 _PANEL_BG = (255, 255, 255)
 _DARK_TEXT = (0, 0, 0)
@@ -116,6 +116,14 @@ def _float_json(value) -> float:
     return float(str(np.float32(value)))
 
 
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """H x W bool -> COCO compressed RLE ``{"size": [H, W], "counts": str}`` (pycocotools)."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
 # -- the result --------------------------------------------------------------------------------------------------
 
 
@@ -199,22 +207,31 @@ class DetectionResult:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def to_json(self) -> dict:
+    def to_json(self, rle: bool = False) -> dict:
         """Plain JSON types: ``{"image_size": {"height", "width"}, "class_names", "detections": [{"label",
-        "class_name", "score", "box_xyxy"}]}``, detections in the result's order (masks are left out)."""
+        "class_name", "score", "box_xyxy"}]}``, detections in the result's order.
+
+        Masks are left out unless ``rle`` is True and the result has masks: then each detection also holds
+        ``"mask_rle": {"size": [H, W], "counts": str}``, COCO's compressed RLE (``pycocotools.mask.encode``,
+        column-major; ``pycocotools.mask.decode`` reads it back once ``counts`` is encoded to bytes).
+        """
         h, w = self.image_size
+        detections = [
+            {
+                "label": int(label),
+                "class_name": self.class_names[int(label)],
+                "score": _float_json(score),
+                "box_xyxy": [_float_json(v) for v in box],
+            }
+            for box, score, label in zip(self.boxes, self.scores, self.labels, strict=True)
+        ]
+        if rle and self.masks is not None:
+            for entry, mask in zip(detections, self.masks, strict=True):
+                entry["mask_rle"] = mask_to_rle(mask)
         return {
             "image_size": {"height": h, "width": w},
             "class_names": list(self.class_names),
-            "detections": [
-                {
-                    "label": int(label),
-                    "class_name": self.class_names[int(label)],
-                    "score": _float_json(score),
-                    "box_xyxy": [_float_json(v) for v in box],
-                }
-                for box, score, label in zip(self.boxes, self.scores, self.labels, strict=True)
-            ],
+            "detections": detections,
         }
 
     def shown(self, min_score: float = 0.0, max_boxes: int | None = None) -> np.ndarray:
