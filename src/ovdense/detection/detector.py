@@ -12,7 +12,6 @@ matrix product, the ensemble and NMS.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,14 +170,25 @@ def _load_head(model: FViT, head: dict[str, torch.Tensor], label: str) -> None:
         log.info("%s: not used by this F-ViT: %s", label, ", ".join(sorted(ignored)))
 
 
+def class_key(name: str) -> str:
+    """How class names are compared with a split's: LVIS writes ``aerosol_can`` where a user types "aerosol can"."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+#: The training split's base classes per benchmark (``ovdense/eval/classes``): OV-COCO's 48, OV-LVIS's 866 common and
+#: frequent classes (CLIPSelf's ``mscoco_seen_classes.json`` / ``lvis_v1_seen_classes.json``).
+_BASE_FILES = {"ov-coco": "ov_coco_base.txt", "ov-lvis": "ov_lvis_base.txt"}
+
+
 def _base_names(benchmark: str) -> frozenset[str]:
-    """The base (seen) class names of a benchmark's training split; everything else is scored as novel."""
+    """The base (seen) class names of a benchmark's training split (:func:`class_key` form); every other name is
+    scored as novel."""
     from importlib import resources
 
-    if benchmark == "ov-coco":
-        text = resources.files("ovdense.eval").joinpath("classes/ov_coco_base.txt").read_text(encoding="utf-8")
-        return frozenset(line.strip() for line in text.splitlines() if line.strip())
-    return frozenset()
+    if benchmark not in _BASE_FILES:
+        return frozenset()
+    text = resources.files("ovdense.eval").joinpath(f"classes/{_BASE_FILES[benchmark]}").read_text(encoding="utf-8")
+    return frozenset(class_key(line) for line in text.splitlines() if line.strip())
 
 
 class Detector:
@@ -195,15 +205,6 @@ class Detector:
         self.settings = settings
         self.class_table = class_table
         self.base_names = _base_names(benchmark)
-        if benchmark == "ov-lvis":
-            # Nothing silent: the ensemble would treat LVIS's 866 base classes with beta, not alpha.
-            warnings.warn(
-                "ov-lvis: the LVIS base/novel split is not shipped yet, so every class is scored as novel (exponent "
-                f"beta={model.config.beta}) in the ensemble, where CLIPSelf scores the 866 common and frequent "
-                f"classes with alpha={model.config.alpha}",
-                UserWarning,
-                stacklevel=2,
-            )
         self._current: EncodedImage | None = None
         self._embedding_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -349,10 +350,11 @@ class Detector:
     def base_mask(self, names: Sequence[str]) -> torch.Tensor:
         """(C+1,) bool: True for the classes the detector was trained on (scored with alpha) and background.
 
-        A name counts as base when it is one of the training benchmark's base classes (OV-COCO's 48); every other
-        name is novel (beta). With the transfer setting every class takes alpha.
+        A name counts as base when it is one of the training benchmark's base classes (OV-COCO's 48, OV-LVIS's 866;
+        compared as :func:`class_key`); every other name is novel (beta). With the transfer setting every class takes
+        alpha.
         """
-        mask = [name in self.base_names for name in names] + [True]
+        mask = [class_key(name) in self.base_names for name in names] + [True]
         return torch.tensor(mask, dtype=torch.bool)
 
     # ---- images -------------------------------------------------------------------------------------------------
