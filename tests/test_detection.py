@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hub_server
 from ovdense.cli import main
 from ovdense.detection.benchmarks import fvit_config
 from ovdense.detection.checkpoint import (
@@ -23,6 +24,8 @@ from ovdense.detection.fvit import FViT, ensemble_scores
 from ovdense.detection.text import write_class_embeddings
 from ovdense.errors import OvdenseError
 from ovdense.weights import load_model
+
+hf_hub = hub_server.hf_hub  # the loopback hub fixture
 
 TOWER = "ovdense-test-eva02"
 
@@ -406,3 +409,43 @@ def test_base_classes_of_each_split(tmp_path, files):
         True, False, False, False, True, True
     ]
     assert len(coco.base_names) == 48
+
+
+def test_a_detector_from_the_hub_and_offline(files, hf_hub, monkeypatch):
+    d, model = files
+    hf_hub.add_file("org/fvit-tiny", "weights/fvit.safetensors", d / "fvit.safetensors")
+    det = Detector.from_pretrained("hf-hub:org/fvit-tiny/weights/fvit.safetensors")
+    for name, value in model.state_dict().items():
+        assert torch.equal(det.model.state_dict()[name], value), name
+    # Offline: the cached file is used; an uncached one is one line, at once.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    Detector.from_pretrained("hf-hub:org/fvit-tiny/weights/fvit.safetensors")
+    with pytest.raises(OvdenseError, match="not in the local cache and could not be downloaded"):
+        Detector.from_pretrained("hf-hub:org/fvit-tiny/other.pth")
+    with pytest.raises(OvdenseError, match="expected hf-hub:ORG/REPO/FILE"):
+        Detector.from_pretrained("hf-hub:org/fvit-tiny")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OvdenseError, match="cannot download detector"):
+        Detector.from_pretrained("hf-hub:org/fvit-tiny/missing.pth")
+
+
+def test_the_declip_clip_head_takes_declips_last_block(files):
+    from ovdense.heads.declip import DeclipHead
+
+    d, _ = files
+    value = Detector.from_pretrained(d / "fvit.safetensors", class_embeddings=d / "emb.pt")
+    declip = Detector.from_pretrained(d / "fvit.safetensors", class_embeddings=d / "emb.pt", clip_head="declip")
+    assert declip.settings["clip_head"] == "declip" and declip.settings["declip_mode"] == "qq"
+    image = prepare_image(np.asarray(Image.open(d / "img0.png").convert("RGB")), 640).tensor[None]
+    tower = declip.model.tower
+    with torch.no_grad():
+        _, clip_map = declip.model.tower_maps(image)
+        x, _ = tower.tokens_before_last_block(image, "size")
+        tokens = tower.project(DeclipHead(mode="qq").decoupled(tower, x)[0][:, 1:])  # not normalised (DeCLIP's)
+        expected = tokens.transpose(1, 2).reshape(1, -1, 40, 40)
+        assert torch.allclose(clip_map, expected, atol=1e-5)
+        _, value_map = value.model.tower_maps(image)
+    assert not torch.allclose(value_map, torch.nn.functional.normalize(expected, dim=1), atol=1e-3)
+    assert torch.allclose(value_map.norm(dim=1), torch.ones(1, 40, 40), atol=1e-5)  # F-ViT's map: unit tokens

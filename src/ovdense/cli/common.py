@@ -354,7 +354,8 @@ def add_detector_args(p: argparse.ArgumentParser, required: bool = True, model_f
         "--detector",
         required=required,
         default=None,
-        help="F-ViT weights: CLIPSelf's mmdet .pth or an ovdense .safetensors (ovdense train fvit)",
+        help="F-ViT weights: CLIPSelf's mmdet .pth or an ovdense .safetensors (ovdense train fvit), a file or "
+        "hf-hub:ORG/REPO/FILE",
     )
     if model_flags:
         g.add_argument(
@@ -411,6 +412,8 @@ def check_detector_inputs(args) -> None:
     from pathlib import Path
 
     for flag, value in (("--detector", args.detector), ("--class-embeddings", args.class_embeddings)):
+        if flag == "--detector" and value is not None and str(value).startswith("hf-hub:"):
+            continue  # a hub file: fetched (or found in the cache) when the detector loads
         if value is not None and not Path(value).is_file():
             raise OvdenseError(f"{flag}: file not found: {value}")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():

@@ -116,6 +116,46 @@ class _Loaded:
     unused: list[str]
 
 
+#: How a detector on the Hugging Face hub is named: ``hf-hub:ORG/REPO/FILE`` (the file's path inside the repo).
+HUB_PREFIX = "hf-hub:"
+
+
+def resolve_detector(detector: str | Path) -> Path:
+    """A local detector file, or ``hf-hub:ORG/REPO/FILE`` fetched into (or found in) the hub cache.
+
+    Offline (``HF_HUB_OFFLINE`` or the hub out of reach) a cached file is used; an uncached one is an error in
+    seconds, not after the hub client's retries.
+
+    Raises:
+        OvdenseError: a malformed hub name, a file neither cached nor downloadable, or a download that fails.
+    """
+    text = str(detector)
+    if not text.startswith(HUB_PREFIX):
+        return Path(detector)
+    parts = text[len(HUB_PREFIX) :].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise OvdenseError(f"detector {text}: expected {HUB_PREFIX}ORG/REPO/FILE (e.g. hf-hub:org/fvit/fvit.pth)")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    from ..errors import cause_line
+    from ..weights import hub_reachable
+
+    cached = try_to_load_from_cache(repo, filename)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_reachable(constants.ENDPOINT)
+    if reason:
+        if isinstance(cached, str):
+            return Path(cached)
+        raise OvdenseError(
+            f"detector {text} is not in the local cache and could not be downloaded ({reason}); download it on a "
+            "machine with internet (or copy ~/.cache/huggingface/hub here), or pass a local file"
+        )
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as err:  # the hub client raises one type per failure (repo, file, network)
+        raise OvdenseError(f"cannot download detector {text}: {cause_line(err)}") from None
+
+
 def read_detector(path: str | Path) -> _Loaded:
     """Read an F-ViT file: CLIPSelf's mmdet checkpoint or ovdense's safetensors.
 
@@ -225,7 +265,8 @@ class Detector:
         """Load an F-ViT.
 
         Args:
-            detector: CLIPSelf's mmdet ``.pth`` or an ovdense ``.safetensors`` detector.
+            detector: CLIPSelf's mmdet ``.pth`` or an ovdense ``.safetensors`` detector: a local file or
+                ``hf-hub:ORG/REPO/FILE`` (:func:`resolve_detector`).
             model: the CLIP architecture (EVA02-B-16, EVA02-L-14-336, ...); read from the detector when omitted.
             pretrained, checkpoint: CLIP weights for the **text** tower (class names); the image tower is always
                 the detector's own frozen copy. Without them, class names come from ``class_embeddings``.
@@ -254,8 +295,8 @@ class Detector:
                 raise OvdenseError(
                     f"class embeddings {class_embeddings} hold no 'background' entry (F-ViT's classifier needs one)"
                 )
-        got = read_detector(detector)
         label = f"detector {detector}"
+        got = read_detector(resolve_detector(detector))
         if got.layout == "mmdet":
             inferred = infer_architecture(got.visual)
             if model is None:
