@@ -23,10 +23,13 @@ __all__ = [
     "blend",
     "class_areas",
     "colorize",
+    "display_name",
     "heatmap",
     "label_image",
     "label_palette",
+    "legend_font_size",
     "legend_rows",
+    "load_font",
     "overlay",
     "prediction_and_truth",
     "save_image_atomic",
@@ -137,29 +140,31 @@ def _boundary_mask(lab: np.ndarray) -> np.ndarray:
     return edge
 
 
-def _font(size: int):
+def load_font(size: int):
+    """Pillow's default font at ``size`` px (the fixed bitmap font on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
         return ImageFont.load_default()
 
 
-def _display(name: str) -> str:
+def display_name(name: str) -> str:
+    """A class name as a legend or tag shows it: one line, at most the legend's width in characters."""
     name = " ".join(str(name).split())  # no newlines or tabs in a legend row
     if len(name) > _MAX_NAME_CHARS:
         name = name[: _MAX_NAME_CHARS - 3] + "..."
     return name
 
 
-def _font_size(image_height: int) -> int:
+def legend_font_size(image_height: int) -> int:
     """Legend and title text size for a picture ``image_height`` pixels tall: 1/32 of it, 12..128 px."""
     return int(np.clip(round(image_height / 32), 12, 128))
 
 
 def _legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
     """A white panel listing (colour, name) rows; sizes scale with ``image_height``."""
-    font_size = _font_size(image_height)
-    font = _font(font_size)
+    font_size = legend_font_size(image_height)
+    font = load_font(font_size)
     swatch = max(8, round(font_size * 1.1))
     pad = max(4, round(font_size * 0.6))
     gap = max(4, round(font_size * 0.5))
@@ -299,7 +304,7 @@ def legend_rows(
 def _panel_entries(rows: list[dict], percentages: bool) -> list[tuple[tuple[int, int, int] | None, str]]:
     """(swatch colour, text) of each legend row; the background's swatch is empty (white, outlined)."""
     entries = [
-        (row["colour"] or _PANEL_BG, _display(row["name"]) + (f"  {row['percent']}" if percentages else ""))
+        (row["colour"] or _PANEL_BG, display_name(row["name"]) + (f"  {row['percent']}" if percentages else ""))
         for row in rows
     ]
     return entries or [(None, "no classes")]
@@ -362,7 +367,7 @@ def overlay(
 
 def _titled(picture: np.ndarray, title: str, font_size: int) -> Image.Image:
     """A picture with a white strip above it holding ``title``."""
-    font = _font(font_size)
+    font = load_font(font_size)
     strip = round(font_size * 1.6)
     canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + strip), _PANEL_BG)
     canvas.paste(Image.fromarray(picture), (0, strip))
@@ -402,7 +407,7 @@ def prediction_and_truth(
         raise VizInputError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape}")
     gt = np.where(gt == ignore_index, -1, gt)
     h, w = pred.shape
-    font_size = _font_size(h)
+    font_size = legend_font_size(h)
     left = _titled(blend(image, pred, len(names), alpha, background), "prediction", font_size)
     right = _titled(blend(image, gt, len(names), alpha, background), "ground truth", font_size)
     gap = max(4, font_size // 2)
@@ -534,7 +539,7 @@ def attention_overlay(
     if colours is None:
         cell = Image.fromarray((base * 0.3 + 180).astype(np.uint8))
         draw = ImageDraw.Draw(cell)
-        font = _font(font_size)
+        font = load_font(font_size)
         left, top, right, bottom = draw.textbbox((0, 0), "n/a", font=font)
         draw.text(((w - (right - left)) / 2 - left, (h - (top + bottom)) / 2), "n/a", fill=_TEXT, font=font)
     else:
@@ -573,7 +578,7 @@ def attention_grid(image, maps, cell_height: int = 160, alpha: float = 0.6) -> I
     columns = maps.columns()
     rows = maps.row_names
     font_size = max(11, ch // 11)
-    font = _font(font_size)
+    font = load_font(font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = max(4, font_size // 2)
     label_w = max(measure.textbbox((0, 0), r, font=font)[2] for r in rows) + 2 * pad

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from ..viz import MAX_PALETTE, VizInputError, label_palette
+from ..viz import MAX_PALETTE, VizInputError, display_name, label_palette, legend_font_size, load_font
 
 __all__ = ["DetectionResult", "detection_colours", "mask_to_rle"]
 
@@ -22,7 +22,6 @@ _PANEL_BG = (255, 255, 255)
 _DARK_TEXT = (0, 0, 0)
 _LIGHT_TEXT = (255, 255, 255)
 _SWATCH_OUTLINE = (100, 100, 100)  # channels not multiples of 32: never a VOC colour
-_MAX_NAME_CHARS = 48
 
 
 def detection_colours(num_classes: int) -> np.ndarray:
@@ -37,29 +36,12 @@ def detection_colours(num_classes: int) -> np.ndarray:
     return palette[1 + np.arange(num_classes) % (MAX_PALETTE - 1)]
 
 
-# -- drawing helpers (the minimum of ovdense.viz's private ones) ------------------------------------------------
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _legend_font_size(image_height: int) -> int:
-    """As ovdense.viz's legends: 1/32 of the image height, 12..128 px."""
-    return int(np.clip(round(image_height / 32), 12, 128))
+# -- drawing helpers (those the segmentation pictures do not share) ------------------------------------------------
 
 
 def _tag_font_size(height: int, width: int) -> int:
     """Box tags: 1/40 of the image's short side, 11..96 px (legible on thumbnails, modest on photos)."""
     return int(np.clip(round(min(height, width) / 40), 11, 96))
-
-
-def _display(name: str) -> str:
-    name = " ".join(str(name).split())  # no newlines or tabs in a tag or legend row
-    return name[: _MAX_NAME_CHARS - 3] + "..." if len(name) > _MAX_NAME_CHARS else name
 
 
 def _text_colour(colour) -> tuple[int, int, int]:
@@ -69,8 +51,8 @@ def _text_colour(colour) -> tuple[int, int, int]:
 
 def _legend(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
     """A white panel of (swatch colour, text) rows, in columns when there are many; sizes scale with the image."""
-    size = _legend_font_size(image_height)
-    font = _font(size)
+    size = legend_font_size(image_height)
+    font = load_font(size)
     swatch = max(8, round(size * 1.1))
     pad = max(4, round(size * 0.6))
     gap = max(4, round(size * 0.5))
@@ -310,7 +292,7 @@ class DetectionResult:
         picture = Image.fromarray(out)
         draw = ImageDraw.Draw(picture)
         size = _tag_font_size(h, w)
-        font = _font(size)
+        font = load_font(size)
         line = max(1, round(min(h, w) / 300))  # 1 px up to ~450 px, 3 px at 900 px
         pad = max(1, round(size * 0.2))
         ref = draw.textbbox((0, 0), "Ag", font=font)
@@ -323,7 +305,7 @@ class DetectionResult:
             right = int(np.clip(math.ceil(x2) - 1, left, w - 1))
             bottom = int(np.clip(math.ceil(y2) - 1, top, h - 1))
             draw.rectangle((left, top, right, bottom), outline=colour, width=line)
-            text = f"{_display(self.class_names[self.labels[i]])} {self.scores[i]:.2f}"
+            text = f"{display_name(self.class_names[self.labels[i]])} {self.scores[i]:.2f}"
             tl, _, tr, _ = draw.textbbox((0, 0), text, font=font)
             tag_w = tr - tl + 2 * pad
             tx = max(0, min(left, w - tag_w))
@@ -334,7 +316,7 @@ class DetectionResult:
         if not legend:
             return picture
         rows = self.legend_rows(min_score, max_boxes)
-        entries = [(row["colour"], f"{_display(row['name'])}  {row['count']}") for row in rows]
+        entries = [(row["colour"], f"{display_name(row['name'])}  {row['count']}") for row in rows]
         panel = _legend(entries or [(None, "no detections")], h)
         canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
         canvas.paste(picture, (0, 0))
