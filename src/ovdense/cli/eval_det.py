@@ -1,4 +1,5 @@
-"""``ovdense eval-det``: open-vocabulary detection AP of an F-ViT (OV-COCO novel / base / all AP50, COCO transfer)."""
+"""``ovdense eval-det``: open-vocabulary detection AP of an F-ViT (OV-COCO novel / base / all AP50, COCO transfer,
+OV-LVIS mask AP_r)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,26 @@ from ..errors import OvdenseError
 from ..ranges import COUNT, POSITIVE_INT, flag_type
 from .common import add_detector_args, apply_max_pixels, check_detector_inputs, cuda_available, detector_for_cli
 
-#: Where each benchmark's ground truth and images lie under --data-root (the standard COCO 2017 layout).
+#: Where each benchmark's ground truth and images lie under --data-root (the standard COCO 2017 layout; LVIS v1 val
+#: images are COCO 2017 images, named by the last part of each image's coco_url).
 LAYOUT = {
     "ov-coco": ("annotations/instances_val2017.json", "val2017"),
     "coco": ("annotations/instances_val2017.json", "val2017"),
+    "ov-lvis": ("annotations/lvis_v1_val.json", "val2017"),
 }
 
 
 def register(subparsers) -> None:
     ev = subparsers.add_parser(
-        "eval-det", help="detection AP of an F-ViT: OV-COCO novel/base/all AP50, COCO transfer (pycocotools)"
+        "eval-det",
+        help="detection AP of an F-ViT: OV-COCO novel/base/all AP50, COCO transfer (pycocotools), OV-LVIS mask AP_r "
+        "(lvis)",
     )
-    ev.add_argument("--data-root", required=True, help="COCO 2017 folder: val2017/, annotations/instances_val2017.json")
+    ev.add_argument(
+        "--data-root",
+        required=True,
+        help="COCO 2017 folder: val2017/, annotations/instances_val2017.json (ov-lvis: annotations/lvis_v1_val.json)",
+    )
     ev.add_argument(
         "--ann-file",
         default=None,
@@ -28,7 +37,14 @@ def register(subparsers) -> None:
     )
     ev.add_argument("--out", required=True, help="where metrics.json, per_class.csv and results.md go")
     ev.add_argument(
-        "--save-predictions", action="store_true", help="also write OUT/detections.json (COCO results format)"
+        "--save-predictions",
+        action="store_true",
+        help="also write OUT/detections.json (COCO results format; ov-lvis: LVIS results with mask RLEs)",
+    )
+    ev.add_argument(
+        "--no-box-ap",
+        action="store_true",
+        help="ov-lvis: score mask AP only (CLIPSelf's metric), not also box AP (a second LVISEval pass)",
     )
     ev.add_argument(
         "--limit", type=flag_type("limit", POSITIVE_INT), default=None, help="only the first N images (smoke runs)"
@@ -48,11 +64,7 @@ def run(args) -> int:
     from ..eval.detection_runner import evaluate_detector
     from ..fileio import check_output_dir, write_atomic
 
-    if args.benchmark not in LAYOUT:
-        raise OvdenseError(
-            f"eval-det --benchmark {args.benchmark}: OV-LVIS mask AP_r evaluation is not available yet; "
-            f"choose {' or '.join(LAYOUT)}"
-        )
+    lvis = args.benchmark == "ov-lvis"
     apply_max_pixels(args)
     out = check_output_dir(args.out)
     check_detector_inputs(args)
@@ -64,18 +76,23 @@ def run(args) -> int:
         raise OvdenseError(f"annotation file not found: {ann}")
     if not image_dir.is_dir():
         raise OvdenseError(f"image folder not found: {image_dir}")
-    coco_gt, categories = load_coco_annotations(ann, args.benchmark)  # schema and split checked before any model
+    if lvis:  # schema and split checked before any model
+        from ..eval.lvis import load_lvis_annotations, lvis_table, write_lvis_report
+
+        coco_gt, categories = load_lvis_annotations(ann)
+    else:
+        coco_gt, categories = load_coco_annotations(ann, args.benchmark)
     info = init_distributed_from_env(args.device)
     if args.device is None and info.world_size > 1 and cuda_available():
         args.device = f"cuda:{info.local_rank}"
     det = detector_for_cli(args, verbose=info.is_main)
     metrics, detections = evaluate_detector(
-        det, coco_gt, categories, image_dir, limit=args.limit, num_workers=args.workers
+        det, coco_gt, categories, image_dir, limit=args.limit, num_workers=args.workers, box_ap=not args.no_box_ap
     )
     if not info.is_main:
         return 0
     print(f"\n## {args.benchmark} ({metrics.num_images} images), F-ViT {det.settings['model']}\n")
-    print(detection_table(metrics))
+    print(lvis_table(metrics, per_class=False) if lvis else detection_table(metrics))  # 1203 rows: in results.md
     settings = {
         "benchmark": args.benchmark,
         "annotations": str(ann),
@@ -85,7 +102,7 @@ def run(args) -> int:
         "detector": det.settings,
     }
     out.mkdir(parents=True, exist_ok=True)
-    written = write_detection_report(metrics, out, settings)
+    written = (write_lvis_report if lvis else write_detection_report)(metrics, out, settings)
     if args.save_predictions:
         path = out / "detections.json"
         data = json.dumps(detections).encode("utf-8")

@@ -136,7 +136,8 @@ class OVCategories:
             ) from None
 
 
-def _read_split(name: str) -> list[str]:
+def read_split(name: str) -> list[str]:
+    """The class names of a split file of ``ovdense/eval/classes`` (one per line), in file order."""
     text = resources.files("ovdense.eval").joinpath("classes", name).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -178,7 +179,7 @@ def ov_coco_categories(coco_gt_categories: list[dict], source: str = "the annota
         OvdenseError: a split name (from ``ov_coco_base.txt`` / ``ov_coco_novel.txt``) has no category, or more
             than one, in the file; the message names the file and the first such name.
     """
-    base, novel = _read_split(BASE_FILE), _read_split(NOVEL_FILE)
+    base, novel = read_split(BASE_FILE), read_split(NOVEL_FILE)
     where = {n: f"the OV-COCO base classes, {BASE_FILE}" for n in base}
     where.update({n: f"the OV-COCO novel classes, {NOVEL_FILE}" for n in novel})
     order = [name for _, name in COCO_2017_CATEGORIES if name in where]
@@ -208,7 +209,7 @@ def is_json_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _finite(values) -> list[float] | None:
+def finite_numbers(values) -> list[float] | None:
     """``values`` as Python floats, or None unless it is a sequence of finite real numbers (NumPy scalars too)."""
     try:
         out = [float(v) for v in values if not isinstance(v, (bool, str, bytes))]
@@ -223,32 +224,54 @@ def short_repr(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
-def _validate(dataset, path) -> None:
-    """Check what pycocotools and COCOeval rely on, so a wrong file gives one line instead of a traceback."""
+def annotation_error(path):
+    """``bad(what)`` -> the one-line :class:`OvdenseError` about the annotation file ``path``."""
 
     def bad(what: str) -> OvdenseError:
         return OvdenseError(f"the annotation file {path}: {what}")
 
+    return bad
+
+
+def check_instances(dataset, path, kind: str, annotation_keys: tuple[str, ...]) -> tuple[dict, dict, list]:
+    """The structure every COCO-style instances file shares (COCO, LVIS), checked so that a wrong file is one line:
+    ``images``, ``annotations`` and ``categories`` lists; unique integer ids; categories with a name; every
+    annotation with ``annotation_keys``, an image and a category of the file, and a ``bbox`` of 4 finite numbers
+    (each kind of file checks the signs of width and height itself).
+
+    Args:
+        dataset: the parsed JSON.
+        path: the file, for the messages.
+        kind: what the file should be, for the messages ("a COCO instances file").
+        annotation_keys: keys every annotation must have besides ``id`` and ``bbox``.
+
+    Returns:
+        ``(images, categories, annotations)``: images and categories by id, and the annotation list.
+
+    Raises:
+        OvdenseError: the first problem, in one line.
+    """
+    bad = annotation_error(path)
     if not isinstance(dataset, dict):
-        raise bad("not a COCO instances file (a JSON object with images, annotations and categories)")
+        raise bad(f"not {kind} (a JSON object with images, annotations and categories)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             has = "has no" if key not in dataset else "has a non-list"
-            raise bad(f"{has} {key!r} list; not a COCO instances file")
-    image_ids: set = set()
+            raise bad(f"{has} {key!r} list; not {kind}")
+    images: dict = {}
     for i, img in enumerate(dataset["images"]):
         if not isinstance(img, dict) or not is_json_int(img.get("id")):
             raise bad(f"image #{i} has no integer 'id'")
-        if img["id"] in image_ids:
+        if img["id"] in images:
             raise bad(f"image id {img['id']} appears twice")
-        image_ids.add(img["id"])
-    category_ids: set = set()
+        images[img["id"]] = img
+    categories: dict = {}
     for i, cat in enumerate(dataset["categories"]):
         if not isinstance(cat, dict) or not is_json_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise bad(f"category #{i} needs an integer 'id' and a 'name'")
-        if cat["id"] in category_ids:
+        if cat["id"] in categories:
             raise bad(f"category id {cat['id']} appears twice")
-        category_ids.add(cat["id"])
+        categories[cat["id"]] = cat
     ann_ids: set = set()
     for i, ann in enumerate(dataset["annotations"]):
         if not isinstance(ann, dict) or not is_json_int(ann.get("id")):
@@ -257,17 +280,26 @@ def _validate(dataset, path) -> None:
         if ann["id"] in ann_ids:
             raise bad(f"{name} appears twice")
         ann_ids.add(ann["id"])
-        # pycocotools' COCOeval reads area (area ranges) and iscrowd (crowd matching) of every ground-truth box
-        for key in ("image_id", "category_id", "bbox", "area", "iscrowd"):
+        for key in ("image_id", "category_id", "bbox", *annotation_keys):
             if key not in ann:
                 raise bad(f"{name} has no {key!r}")
-        if ann["image_id"] not in image_ids:
+        if ann["image_id"] not in images:
             raise bad(f"{name} has image_id {short_repr(ann['image_id'])}, which is not in 'images'")
-        if ann["category_id"] not in category_ids:
+        if ann["category_id"] not in categories:
             raise bad(f"{name} has category_id {short_repr(ann['category_id'])}, which is not in 'categories'")
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(is_json_number, bbox)):
             raise bad(f"{name} has bbox {short_repr(bbox)}, not 4 numbers [x, y, width, height]")
+    return images, categories, dataset["annotations"]
+
+
+def _validate(dataset, path) -> None:
+    """Check what pycocotools and COCOeval rely on, so a wrong file gives one line instead of a traceback."""
+    bad = annotation_error(path)
+    # pycocotools' COCOeval reads area (area ranges) and iscrowd (crowd matching) of every ground-truth box
+    _, _, annotations = check_instances(dataset, path, "a COCO instances file", ("area", "iscrowd"))
+    for ann in annotations:
+        name, bbox = f"annotation {ann['id']}", ann["bbox"]
         if bbox[2] <= 0 or bbox[3] <= 0:
             raise bad(f"{name} has a box of width {bbox[2]} and height {bbox[3]}; both must be > 0")
         if not is_json_number(ann["area"]) or ann["iscrowd"] not in (0, 1):
@@ -419,7 +451,8 @@ class DetectionMetrics:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
 
-def _nanmean(values: list[float]) -> float:
+def nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN (without NumPy's warning) when there are none."""
     v = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(v)) if v.size and not np.all(np.isnan(v)) else float("nan")  # no empty-slice warning
 
@@ -437,7 +470,7 @@ def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[li
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in det:
                 raise InvalidArgumentError(f"detections[{i}] has no {key!r}")
-        bbox, score = _finite(det["bbox"]), _finite([det["score"]])
+        bbox, score = finite_numbers(det["bbox"]), finite_numbers([det["score"]])
         if bbox is None or len(bbox) != 4 or score is None:
             raise InvalidArgumentError(
                 f"detections[{i}] needs a bbox of 4 finite numbers and a finite score; got bbox "
@@ -519,9 +552,9 @@ def evaluate_ov_coco(
         rows.append(ClassAP(name, cid, "novel" if is_novel else "base", ap50, num_gt.get(cid, 0)))
     stats = {k: (float(v) * 100 if v > -1 else float("nan")) for k, v in zip(_STAT_NAMES, ev.stats[:6], strict=True)}
     return DetectionMetrics(
-        novel_ap50=_nanmean([r.ap50 for r in rows if r.split == "novel"]),
-        base_ap50=_nanmean([r.ap50 for r in rows if r.split == "base"]),
-        all_ap50=_nanmean([r.ap50 for r in rows]),
+        novel_ap50=nanmean([r.ap50 for r in rows if r.split == "novel"]),
+        base_ap50=nanmean([r.ap50 for r in rows if r.split == "base"]),
+        all_ap50=nanmean([r.ap50 for r in rows]),
         per_class=rows,
         coco_stats=stats,
         num_images=len(ev.params.imgIds),

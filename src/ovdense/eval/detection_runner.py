@@ -1,7 +1,9 @@
-"""Run a :class:`~ovdense.detection.detector.Detector` over a COCO-format benchmark and score it.
+"""Run a :class:`~ovdense.detection.detector.Detector` over a COCO-format benchmark (OV-COCO, COCO) or OV-LVIS and
+score it.
 
 Images are decoded by DataLoader workers while the model runs. Under torchrun each process detects every
-world_size-th image and the detections are gathered before one ``COCOeval``, so the numbers equal one process's.
+world_size-th image and the detections (for OV-LVIS with their mask RLEs) are gathered before one ``COCOeval`` /
+``LVISEval``, so the numbers equal one process's.
 """
 
 from __future__ import annotations
@@ -49,13 +51,23 @@ def evaluate_detector(
     limit: int | None = None,
     num_workers: int = 2,
     progress: bool = True,
+    box_ap: bool = True,
 ) -> tuple[DetectionMetrics, list[dict]]:
     """Detect the benchmark's classes (``categories.names``, one name each) in every ground-truth image and score.
 
+    OV-LVIS (``categories`` an :class:`~ovdense.eval.lvis.LVISCategories`, ``coco_gt`` from
+    :func:`~ovdense.eval.lvis.load_lvis_annotations`): the detector also predicts masks, the names are LVIS's raw
+    names (``aerosol_can``: an F-ViT class-embedding file is keyed by them; the text tower's prompts replace ``_``),
+    and the score is mask AP with LVISEval, plus its box AP (``metrics.box``) unless ``box_ap`` is False.
+
     Returns:
-        ``(metrics, detections)``: :class:`DetectionMetrics` (identical on every rank) and the COCO results dicts of
-        every image (original pixels, ``[x, y, w, h]``), gathered from all ranks in image order.
+        ``(metrics, detections)``: :class:`DetectionMetrics` (OV-LVIS: :class:`~ovdense.eval.lvis.LVISMetrics`),
+        identical on every rank, and the COCO / LVIS results dicts of every image (original pixels, ``[x, y, w, h]``;
+        OV-LVIS with ``segmentation`` RLEs), gathered from all ranks in image order.
     """
+    from .lvis import LVISCategories
+
+    lvis = isinstance(categories, LVISCategories)
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -81,6 +93,12 @@ def evaluate_detector(
     bar = tqdm(loader, total=len(indices), desc="detect", unit="img", disable=hidden)
     per_image: dict[int, list[dict]] = {}
     for sample in unwrap_worker_errors(bar):
+        if lvis:
+            from .lvis import detections_to_lvis
+
+            result = detector.detect(names, image=sample["image"], masks=True)  # mask AP
+            per_image[sample["id"]] = detections_to_lvis(sample["id"], result, categories)
+            continue
         result = detector.detect(names, image=sample["image"], masks=False)  # box AP: masks are not scored
         per_image[sample["id"]] = detections_to_coco(
             sample["id"], result.boxes, result.scores, result.labels, categories
@@ -91,5 +109,12 @@ def evaluate_detector(
         per_image = {k: v for part in gathered for k, v in part.items()}
     order = [entries[i]["id"] for i in range(total)]
     detections = [d for image_id in order for d in per_image.get(image_id, [])]
+    if lvis:
+        from .lvis import evaluate_ov_lvis
+
+        metrics = evaluate_ov_lvis(coco_gt, categories, detections, "segm", image_ids=order)
+        if box_ap:
+            metrics.box = evaluate_ov_lvis(coco_gt, categories, detections, "bbox", image_ids=order)
+        return metrics, detections
     metrics = evaluate_ov_coco(coco_gt, categories, detections, image_ids=order)
     return metrics, detections
