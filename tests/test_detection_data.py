@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from ovdense.detection.data import (
     DetectionTrainSet,
-    NotAvailableError,
     collate,
     filter_boxes,
     flip,
@@ -171,7 +170,7 @@ def test_boxes_are_rounded_once_to_float32(tmp_path):
 
 
 def test_benchmarks_and_arguments(files):
-    with pytest.raises(NotAvailableError, match="OV-LVIS training is not available yet"):
+    with pytest.raises(OvdenseError, match="LVIS v1 has 1203"):  # a COCO file given for OV-LVIS
         make_set(files, benchmark="ov-lvis")
     with pytest.raises(InvalidArgumentError, match="unknown detection training benchmark"):
         make_set(files, benchmark="coco")

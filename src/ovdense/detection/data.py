@@ -13,6 +13,11 @@ What one sample goes through (CLIPSelf ``F-ViT/configs/ov_coco/fvit_vitb16_upsam
 6. :func:`normalise_and_pad` (``Normalize`` with ImageNet's constants on 0-255 RGB, ``Pad(size=(S, S))``): the same
    arithmetic as the test pipeline's :func:`ovdense.detection.detector.prepare_image`.
 
+OV-LVIS (``configs/ov_lvis/*_original.py``) adds ``LoadAnnotations(with_mask=True)``: the instance masks
+(:func:`decode_mask`) follow the image through steps 2-6 (:func:`resize_mask`, :func:`resize_and_crop_masks` with
+the boxes recomputed from the cropped masks by :func:`mask_boxes`, the same :func:`filter_boxes` selection,
+:func:`flip_masks`, :func:`pad_masks`); no extra random draw.
+
 When step 4 removes every box of an image that had some, mmdet's pipeline returns None and ``CustomDataset``
 draws another image of the same aspect group (``datasets/custom.py`` ``__getitem__`` / ``_rand_another``); so does
 :class:`DetectionTrainSet`, from the sample's own generator. A crop that keeps no box at all is **not** re-drawn
@@ -47,18 +52,25 @@ __all__ = [
     "MIN_IMAGE_SIZE",
     "TRAIN_BENCHMARKS",
     "DetectionTrainSet",
-    "NotAvailableError",
+    "boxes_kept",
     "collate",
+    "crop_boxes",
+    "decode_mask",
     "filter_boxes",
     "flip",
+    "flip_masks",
+    "mask_boxes",
     "normalise_and_pad",
+    "pad_masks",
     "random_crop",
+    "resize_and_crop_masks",
+    "resize_mask",
     "random_scale",
     "rescale_size",
     "resize_with_boxes",
 ]
 
-#: Benchmarks :class:`DetectionTrainSet` knows; ``ov-lvis`` is declared but not implemented yet.
+#: Benchmarks :class:`DetectionTrainSet` knows (OV-COCO: boxes; OV-LVIS: boxes and instance masks).
 TRAIN_BENCHMARKS = ("ov-coco", "ov-lvis")
 #: mmdet ``CocoDataset._filter_imgs(min_size=32)``: images with a side (per the json) under 32 px are left out.
 MIN_IMAGE_SIZE = 32
@@ -66,10 +78,6 @@ MIN_IMAGE_SIZE = 32
 MIN_BOX_SIZE = (0.01, 0.01)
 # mmdet re-draws forever; a data set on which nearly every draw fails is a bug worth one clear error instead.
 _MAX_ATTEMPTS = 1000
-
-
-class NotAvailableError(OvdenseError, NotImplementedError):
-    """A training setting that this port does not implement yet."""
 
 
 # -- pipeline steps -----------------------------------------------------------------------------------------------
@@ -149,11 +157,19 @@ def random_crop(
     crop_h, crop_w = min(h, size), min(w, size)
     y = int(rng.integers(0, h - crop_h + 1))
     x = int(rng.integers(0, w - crop_w + 1))
+    out, valid = crop_boxes(boxes, (y, x), (crop_h, crop_w))
+    return image[y : y + crop_h, x : x + crop_w], out[valid], np.asarray(labels)[valid], (y, x)
+
+
+def crop_boxes(boxes: np.ndarray, corner: tuple[int, int], crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The box part of :func:`random_crop`: ``(boxes shifted by the corner (y, x) and clipped to the crop (h, w),
+    float32 K x 4; (K,) bool, which are kept)``; every box is returned, ``valid`` says which survive."""
+    y, x = corner
+    crop_h, crop_w = crop
     out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) - np.array([x, y, x, y], dtype=np.float32)
     out[:, 0::2] = np.clip(out[:, 0::2], 0, crop_w)
     out[:, 1::2] = np.clip(out[:, 1::2], 0, crop_h)
-    valid = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
-    return image[y : y + crop_h, x : x + crop_w], out[valid], np.asarray(labels)[valid], (y, x)
+    return out, (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
 
 
 def filter_boxes(
@@ -168,10 +184,16 @@ def filter_boxes(
     """
     if len(boxes) == 0:
         return boxes, labels
-    keep = ((boxes[:, 2] - boxes[:, 0]) > min_wh[0]) & ((boxes[:, 3] - boxes[:, 1]) > min_wh[1])
+    keep = boxes_kept(boxes, min_wh)
     if not keep.any():
         return None
     return boxes[keep], labels[keep]
+
+
+def boxes_kept(boxes: np.ndarray, min_wh: tuple[float, float] = MIN_BOX_SIZE) -> np.ndarray:
+    """(K,) bool: the boxes :func:`filter_boxes` keeps (mmdet ``FilterAnnotations`` applies the same index to
+    ``gt_labels`` and ``gt_masks``)."""
+    return ((boxes[:, 2] - boxes[:, 0]) > min_wh[0]) & ((boxes[:, 3] - boxes[:, 1]) > min_wh[1])
 
 
 def flip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +232,81 @@ def normalise_and_pad(image: np.ndarray, size: int) -> torch.Tensor:
     padded = np.zeros((size, size, 3), dtype=np.float32)
     padded[:h, :w] = (image.astype(np.float32) - mean) * std_inv
     return torch.from_numpy(padded).permute(2, 0, 1).contiguous()
+
+
+# -- masks (OV-LVIS) ----------------------------------------------------------------------------------------------
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """mmdet ``LoadAnnotations(with_mask=True, poly2mask=True)._poly2mask``: one instance's H x W uint8 0/1 mask.
+
+    Polygons (a list of ``[x1, y1, x2, y2, ...]`` parts) are rasterised by pycocotools (``frPyObjects`` on the
+    list, the parts merged); an uncompressed RLE (``counts`` a list) is converted with ``frPyObjects``, a compressed
+    one decoded as it is.
+    """
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """mmdet ``BitmapMasks.rescale`` (``Resize._resize_masks`` with ``keep_ratio=True``): one h x w uint8 mask to
+    ``size = (w', h')`` (:func:`rescale_size` of the same scale, so the image's size) by OpenCV's nearest neighbour
+    (``INTER_NEAREST``, mmcv ``imrescale(..., interpolation='nearest')``)."""
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(mask), tuple(int(v) for v in size), interpolation=cv2.INTER_NEAREST)
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """mmdet ``BitmapMasks.get_bboxes`` (``RandomCrop(recompute_bbox=True)``): per K x h x w mask the float32 box
+    ``[x_min, y_min, x_max + 1, y_max + 1]`` of its set pixels; ``[0, 0, 0, 0]`` for an empty mask (which
+    :func:`filter_boxes` then removes)."""
+    out = np.zeros((len(masks), 4), dtype=np.float32)
+    if len(masks) == 0:
+        return out
+    x_any, y_any = masks.any(axis=1), masks.any(axis=2)
+    for k in range(len(masks)):
+        xs, ys = np.flatnonzero(x_any[k]), np.flatnonzero(y_any[k])
+        if len(xs) and len(ys):
+            out[k] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return out
+
+
+def flip_masks(masks: np.ndarray) -> np.ndarray:
+    """mmdet ``BitmapMasks.flip('horizontal')``: K x h x w mirrored left-right (a view)."""
+    return masks[:, :, ::-1]
+
+
+def pad_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """mmdet ``Pad._pad_masks`` (``pad_val`` 0 for masks): K x h x w to K x S x S uint8, zeros at the bottom and
+    right."""
+    k, h, w = masks.shape
+    if h > size or w > size:
+        raise InvalidArgumentError(f"pad_masks: {h} x {w} masks do not fit {size} x {size}")
+    out = np.zeros((k, size, size), dtype=np.uint8)
+    out[:, :h, :w] = masks
+    return out
+
+
+def resize_and_crop_masks(
+    masks: Sequence[np.ndarray], size: tuple[int, int], corner: tuple[int, int], crop: tuple[int, int]
+) -> np.ndarray:
+    """:func:`resize_mask` to ``size = (w', h')`` then mmdet ``BitmapMasks.crop`` at ``corner = (y, x)`` to
+    ``crop = (h, w)`` (inside the resized mask, as :func:`random_crop`'s crop always is), one mask at a time, so
+    that only the K crops are held: K x h x w uint8. ``masks`` may be any sequence (a lazy decoder)."""
+    y, x = corner
+    crop_h, crop_w = crop
+    out = np.zeros((len(masks), crop_h, crop_w), dtype=np.uint8)
+    for k in range(len(masks)):
+        out[k] = resize_mask(masks[k], size)[y : y + crop_h, x : x + crop_w]
+    return out
 
 
 # -- the annotation file ------------------------------------------------------------------------------------------
@@ -337,6 +434,216 @@ def _parse_ov_coco(path: Path, dataset: dict, categories: OVCategories):
     return kept, box_arrays, label_arrays, stats
 
 
+#: LVIS v1's number of categories; OV-LVIS's split files (``ovdense/eval/classes``) list them: 866 base, 337 novel.
+LVIS_V1_NUM_CLASSES = 1203
+_COCO_IMAGES_URL = "http://images.cocodataset.org/"
+
+
+def _ov_lvis_categories(path: Path, cats: list[dict]) -> tuple[OVCategories, tuple[int, ...]]:
+    """LVIS v1's 1203 categories in id order (labels 0..1202), novel = OV-LVIS's 337 rare classes, and each class's
+    training ``image_count`` with the rare ones set to 0 (CLIPSelf's ``lvis_v1_train_cat_norare_info.json``)."""
+    from ..eval.detection import read_split
+
+    base, novel = read_split("ov_lvis_base.txt"), set(read_split("ov_lvis_novel.txt"))
+    known = set(base) | novel
+    cats = sorted(cats, key=lambda c: c["id"])
+    if len({c["id"] for c in cats}) != len(cats):
+        raise _bad(path, "a category id appears twice")
+    if len(cats) != LVIS_V1_NUM_CLASSES:
+        raise _bad(path, f"has {len(cats)} categories; LVIS v1 has {LVIS_V1_NUM_CLASSES} (give lvis_v1_train.json)")
+    counts = []
+    for cat in cats:
+        name, freq = cat["name"], cat.get("frequency")
+        if name not in known:
+            raise _bad(path, f"category {cat['id']} is named {name!r}, which is not an LVIS v1 class")
+        if freq is not None and (freq == "r") != (name in novel):
+            split = "novel (rare)" if name in novel else "base (common or frequent)"
+            raise _bad(path, f"category {cat['id']} ({name!r}) has frequency {freq!r}, but OV-LVIS lists it as {split}")
+        count = cat.get("image_count", 1)
+        if not is_json_int(count) or count < 0:
+            raise _bad(path, f"category {cat['id']} ({name!r}) has image_count {short_repr(count)}")
+        counts.append(0 if name in novel else int(count))
+    if len({c["name"] for c in cats}) != len(cats):
+        raise _bad(path, "a category name appears twice")
+    categories = OVCategories(
+        ids=tuple(c["id"] for c in cats),
+        names=tuple(c["name"] for c in cats),
+        novel=tuple(c["name"] in novel for c in cats),
+    )
+    return categories, tuple(counts)
+
+
+def _lvis_image_path(img: dict) -> str | None:
+    """mmdet ``LVISV1Dataset.load_annotations``: ``coco_url`` without ``http://images.cocodataset.org/``, i.e.
+    ``train2017/<file>`` or ``val2017/<file>`` (LVIS v1 train draws on both COCO splits); here the URL's last two
+    parts, whatever its host; ``file_name`` when there is no ``coco_url``."""
+    url = img.get("coco_url")
+    if isinstance(url, str) and url:
+        parts = [part for part in url.split("/") if part]
+        rel = "/".join(parts[-2:])
+    else:
+        rel = img.get("file_name")
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/"):
+        return None
+    return rel
+
+
+def _valid_segmentation(seg) -> bool:
+    if isinstance(seg, list):
+        return bool(seg) and all(isinstance(p, list) and p and all(map(is_json_number, p)) for p in seg)
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        return isinstance(seg.get("counts"), (str, list)) and isinstance(size, list) and len(size) == 2
+    return False
+
+
+def _parse_ov_lvis(path: Path, dataset: dict, categories: OVCategories):
+    """The images, boxes and masks mmdet's ``LVISV1Dataset`` (CLIPSelf's ``LVISV1DatasetOV``) trains on, from an
+    LVIS v1 train file with its rare annotations removed first.
+
+    Returns:
+        ``(images, boxes, labels, segmentations, stats)`` as :func:`_parse_ov_coco`, ``images`` holding the path
+        relative to the data root (:func:`_lvis_image_path`) as the file name, and ``segmentations[k]`` the kept
+        annotations' segmentations of image k, in the order of its boxes.
+    """
+    images: dict[int, tuple[str, int, int]] = {}
+    for i, img in enumerate(dataset["images"]):
+        if not isinstance(img, dict) or not is_json_int(img.get("id")):
+            raise _bad(path, f"image #{i} has no integer 'id'")
+        if img["id"] in images:
+            raise _bad(path, f"image id {img['id']} appears twice")
+        name, h, w = _lvis_image_path(img), img.get("height"), img.get("width")
+        if name is None or not is_json_int(h) or not is_json_int(w) or h <= 0 or w <= 0:
+            raise _bad(
+                path,
+                f"image {img['id']} needs a 'coco_url' (or 'file_name') and positive integer 'width' and 'height' "
+                f"(has {short_repr(img.get('coco_url', img.get('file_name')))}, {short_repr(w)} x {short_repr(h)})",
+            )
+        images[img["id"]] = (name, h, w)
+    label_of = {cid: k for k, cid in enumerate(categories.ids)}
+    novel = set(categories.novel_ids)
+    boxes: dict[int, list[list[float]]] = {}
+    labels: dict[int, list[int]] = {}
+    segmentations: dict[int, list] = {}
+    with_ann: set[int] = set()
+    stats = dict.fromkeys(("novel", "other", "ignore", "no_overlap", "degenerate", "crowd", "boxes"), 0)
+    seen_ids: set = set()
+    for i, ann in enumerate(dataset["annotations"]):
+        if not isinstance(ann, dict) or not is_json_int(ann.get("id")):
+            raise _bad(path, f"annotation #{i} has no integer 'id'")
+        label = f"annotation {ann['id']}"
+        if ann["id"] in seen_ids:
+            raise _bad(path, f"{label} appears twice")
+        seen_ids.add(ann["id"])
+        for key in ("image_id", "category_id", "bbox", "area"):
+            if key not in ann:
+                raise _bad(path, f"{label} has no {key!r}")
+        if ann["image_id"] not in images:
+            raise _bad(path, f"{label} has image_id {short_repr(ann['image_id'])}, which is not in 'images'")
+        if ann["category_id"] not in label_of:
+            raise _bad(path, f"{label} has category_id {short_repr(ann['category_id'])}, which is not in 'categories'")
+        bbox = ann["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(is_json_number, bbox)):
+            raise _bad(path, f"{label} has bbox {short_repr(bbox)}, not 4 numbers [x, y, width, height]")
+        if not is_json_number(ann["area"]):
+            raise _bad(path, f"{label} has area {short_repr(ann['area'])}, not a number")
+        # 1. Rare (novel) annotations go first: CLIPSelf's lvis_v1_train_seen_1203_cat.json does not hold them, so
+        #    they make no image eligible either.
+        if ann["category_id"] in novel:
+            stats["novel"] += 1
+            continue
+        image_id = ann["image_id"]
+        with_ann.add(image_id)  # mmdet _filter_imgs: any annotation of the (remaining) classes
+        # 2. mmdet 2.28.1 CocoDataset._parse_ann_info (LVISV1Dataset inherits it), in its order.
+        if ann.get("ignore", False):
+            stats["ignore"] += 1
+            continue
+        _, img_h, img_w = images[image_id]
+        x1, y1, w, h = bbox
+        inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
+        inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
+        if inter_w * inter_h == 0:
+            stats["no_overlap"] += 1
+            continue
+        if ann["area"] <= 0 or w < 1 or h < 1:
+            stats["degenerate"] += 1
+            continue
+        if ann.get("iscrowd", False):
+            stats["crowd"] += 1
+            continue
+        seg = ann.get("segmentation")
+        if not _valid_segmentation(seg):
+            raise _bad(path, f"{label} has segmentation {short_repr(seg)}: give polygons (lists of x, y) or an RLE")
+        boxes.setdefault(image_id, []).append([x1, y1, x1 + w, y1 + h])
+        labels.setdefault(image_id, []).append(label_of[ann["category_id"]])
+        segmentations.setdefault(image_id, []).append(seg)
+    kept = []
+    small = 0
+    for image_id, (name, h, w) in images.items():
+        if image_id not in with_ann:
+            continue
+        if min(w, h) < MIN_IMAGE_SIZE:
+            small += 1
+            continue
+        kept.append((image_id, name, h, w))
+    stats.update(images_in_file=len(images), images_without_base=len(images) - len(with_ann), images_small=small)
+    box_arrays = [np.asarray(boxes.get(k[0], []), dtype=np.float32).reshape(-1, 4) for k in kept]
+    label_arrays = [np.asarray(labels.get(k[0], []), dtype=np.int64) for k in kept]
+    seg_lists = [segmentations.get(k[0], []) for k in kept]
+    stats["images"] = len(kept)
+    stats["images_without_boxes"] = sum(1 for b in box_arrays if len(b) == 0)
+    stats["boxes"] = int(sum(len(b) for b in box_arrays))
+    return kept, box_arrays, label_arrays, seg_lists, stats
+
+
+class _PackedSegmentations:
+    """Every kept annotation's segmentation in flat numpy arrays (no per-annotation Python objects for the
+    DataLoader workers to copy): polygon coordinates as float64 (the json's numbers exactly), offsets per polygon
+    and per annotation; RLEs (none in LVIS v1) in a small dict."""
+
+    def __init__(self, segmentations: list):
+        coords, poly_ends, ann_ends, self.rles = [], [], [], {}
+        n = 0
+        for k, seg in enumerate(segmentations):
+            if isinstance(seg, dict):
+                self.rles[k] = seg
+            else:
+                for polygon in seg:
+                    coords.append(np.asarray(polygon, dtype=np.float64))
+                    n += len(polygon)
+                    poly_ends.append(n)
+            ann_ends.append(len(poly_ends))
+        self.coords = np.concatenate(coords) if coords else np.zeros(0, dtype=np.float64)
+        self.poly_offsets = np.asarray([0, *poly_ends], dtype=np.int64)
+        self.ann_offsets = np.asarray([0, *ann_ends], dtype=np.int64)
+
+    def __getitem__(self, k: int):
+        if k in self.rles:
+            return self.rles[k]
+        a, b = self.ann_offsets[k], self.ann_offsets[k + 1]
+        return [self.coords[self.poly_offsets[p] : self.poly_offsets[p + 1]].tolist() for p in range(a, b)]
+
+
+class _LazyMasks(Sequence):
+    """The masks of one image's annotations, decoded (:func:`decode_mask` at the json's size) only when read; when
+    the decoded image's size differs from the json's, resized to it by nearest neighbour (ours: mmdet would carry
+    masks and image at different sizes)."""
+
+    def __init__(self, segmentations: Sequence, json_hw: tuple[int, int], image_hw: tuple[int, int]):
+        self._segmentations = segmentations
+        self._json_hw = json_hw
+        self._image_hw = image_hw
+
+    def __len__(self) -> int:
+        return len(self._segmentations)
+
+    def __getitem__(self, k):
+        mask = decode_mask(self._segmentations[k], *self._json_hw)
+        if mask.shape != tuple(self._image_hw):
+            mask = resize_mask(mask, (self._image_hw[1], self._image_hw[0]))
+        return mask
+
+
 # -- the data set -------------------------------------------------------------------------------------------------
 
 
@@ -361,10 +668,12 @@ class DetectionTrainSet(torch.utils.data.Dataset):
       degenerate stays (mmdet checks annotations, not the boxes it keeps) and trains as background.
 
     Args:
-        annotation_file: a COCO instances json listing (at least) the 65 OV-COCO categories by COCO 2017 name.
-        image_dir: the folder the images' ``file_name`` are relative to (``train2017/``).
-        benchmark: ``"ov-coco"``; ``"ov-lvis"`` raises :class:`NotAvailableError`.
-        image_size: S (640 for ViT-B/16, 896 for ViT-L/14 on OV-COCO).
+        annotation_file: a COCO instances json listing (at least) the 65 OV-COCO categories by COCO 2017 name; for
+            OV-LVIS an LVIS v1 train json (1203 categories).
+        image_dir: the folder the images' ``file_name`` are relative to (``train2017/``); for OV-LVIS the folder
+            holding ``train2017/`` and ``val2017/`` (the ``coco_url`` paths).
+        benchmark: ``"ov-coco"`` or ``"ov-lvis"``.
+        image_size: S (640 for ViT-B/16, 896 for ViT-L/14 on OV-COCO; 1024 / 896 on OV-LVIS).
         seed: base seed (>= 0) of every sample's generator.
         ratio_range: ``Resize``'s ``ratio_range``; the target side is ``int(S * U(lo, hi))``.
         flip: the horizontal flip probability.
@@ -382,15 +691,36 @@ class DetectionTrainSet(torch.utils.data.Dataset):
       warned once per file and process, replaced by the next readable image ``(j + 1) % len``, ...).
     - ``resampled``: attempts thrown away because :func:`filter_boxes` left no box (mmdet ``_rand_another``: a
       uniform draw among the images of the same aspect group, ``width / height > 1`` or not, itself included).
+    - ``masks`` (OV-LVIS only): K x S x S uint8 0/1, one per box, zero-padded like the image.
+
+    OV-LVIS (``benchmark="ov-lvis"``), from LVIS v1's ``lvis_v1_train.json`` or CLIPSelf's
+    ``lvis_v1_train_seen_1203_cat.json`` (mmdet ``LVISV1Dataset``; CLIPSelf's ``LVISV1DatasetOV`` only adds class
+    lists that training does not read):
+
+    - Labels are positions in LVIS v1's 1203 categories sorted by id (checked against OV-LVIS's split files:
+      names, and frequency ``r`` exactly for the 337 novel ones), 0..1202; only the 866 base classes occur.
+    - Every annotation of a rare (novel) class is removed first (the ``*_seen_1203_cat.json`` holds none), then
+      the OV-COCO rules above (ignore, no overlap, degenerate, crowd; images without an annotation left or with a
+      side under 32 px). Kept annotations need a ``segmentation`` (polygons or RLE).
+    - Image files: ``image_dir`` is the LVIS root; an image is ``image_dir / <train2017|val2017>/<file>``, the
+      last two parts of its ``coco_url`` (LVIS v1 train uses COCO images of both splits).
+    - Masks are decoded at the json's size by pycocotools when a sample is drawn (only those of boxes the crop
+      keeps), carried through resize (nearest), crop, flip and pad; ``RandomCrop(recompute_bbox=True)`` replaces
+      the boxes by the cropped masks' (:func:`mask_boxes`), so an instance whose mask left the crop goes.
 
     Attributes:
-        categories: the 65 classes (:class:`~ovdense.eval.detection.OVCategories`); ``labels`` index them.
-        stats: what the annotation filter did (counts of annotations removed by each rule, images kept ...).
+        categories: the 65 (1203) classes (:class:`~ovdense.eval.detection.OVCategories`); ``labels`` index them.
+        image_counts: OV-LVIS only: per class (label order) the json's ``image_count`` with the rare classes' set
+            to 0 (CLIPSelf's ``lvis_v1_train_cat_norare_info.json``; a missing count reads 1): the class weights'
+            source (:func:`ovdense.detection.targets.class_weights_ov_lvis`).
+        with_masks: whether samples carry ``masks`` (OV-LVIS).
+        stats: what the annotation filter did (counts of annotations removed by each rule, images kept ...;
+            ``novel`` counts the removed rare annotations on OV-LVIS).
 
     Raises:
-        OvdenseError: an unreadable or malformed annotation file (one line), missing OV-COCO categories, no
-            image left.
-        InvalidArgumentError: a bad argument; NotAvailableError: ``benchmark="ov-lvis"``.
+        OvdenseError: an unreadable or malformed annotation file (one line), missing OV-COCO categories (not LVIS
+            v1's 1203), no image left.
+        InvalidArgumentError: a bad argument.
     """
 
     def __init__(
@@ -404,8 +734,6 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         flip: float = 0.5,
         resample_empty: bool = False,
     ):
-        if benchmark == "ov-lvis":
-            raise NotAvailableError("OV-LVIS training is not available yet")
         if benchmark not in TRAIN_BENCHMARKS:
             raise InvalidArgumentError(
                 f"unknown detection training benchmark {benchmark!r}; choose one of: {', '.join(TRAIN_BENCHMARKS)}"
@@ -430,8 +758,17 @@ class DetectionTrainSet(torch.utils.data.Dataset):
 
         path = Path(annotation_file)
         dataset = _read_json(path)
-        self.categories = ov_coco_categories(dataset["categories"], f"the annotation file {path}")
-        kept, boxes, labels, self.stats = _parse_ov_coco(path, dataset, self.categories)
+        #: Whether samples carry instance masks (OV-LVIS).
+        self.with_masks = benchmark == "ov-lvis"
+        self._segmentations = None
+        if self.with_masks:
+            self.categories, self.image_counts = _ov_lvis_categories(path, dataset["categories"])
+            kept, boxes, labels, segmentations, self.stats = _parse_ov_lvis(path, dataset, self.categories)
+            self._segmentations = _PackedSegmentations([seg for per_image in segmentations for seg in per_image])
+            del segmentations
+        else:
+            self.categories = ov_coco_categories(dataset["categories"], f"the annotation file {path}")
+            kept, boxes, labels, self.stats = _parse_ov_coco(path, dataset, self.categories)
         del dataset
         if not kept:
             raise OvdenseError(
@@ -477,6 +814,18 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         a, b = self._offsets[j], self._offsets[j + 1]
         return self._boxes[a:b].copy(), self._labels[a:b].copy()
 
+    def segmentations(self, j: int) -> list:
+        """The segmentations (polygons or RLE, as in the json) of image ``j``'s boxes, in their order (OV-LVIS)."""
+        if self._segmentations is None:
+            raise InvalidArgumentError(f"the {self.benchmark} training set has no masks")
+        return [self._segmentations[k] for k in range(self._offsets[j], self._offsets[j + 1])]
+
+    def masks(self, j: int) -> np.ndarray:
+        """Image ``j``'s instance masks at the json's size: n x H x W uint8 0/1 (:func:`decode_mask`; OV-LVIS)."""
+        h, w = (int(v) for v in self._json_hw[j])
+        segs = self.segmentations(j)
+        return np.stack([decode_mask(seg, h, w) for seg in segs]) if segs else np.zeros((0, h, w), dtype=np.uint8)
+
     def image_path(self, j: int) -> Path:
         return self.image_dir / str(self._files[j])
 
@@ -501,15 +850,27 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         self._load(0)
 
     def transform(
-        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator,
+        masks: Sequence[np.ndarray] | None = None,
     ) -> dict | None:
         """The train pipeline on one decoded image (H x W x 3 uint8 RGB) and its boxes, with the draws of ``rng``.
 
+        ``masks`` (OV-LVIS): one H x W uint8 mask per box (any sequence; only the masks of boxes the crop keeps are
+        read); they follow the image (:func:`resize_mask`, crop, the boxes recomputed from the cropped masks by
+        :func:`mask_boxes`, :func:`filter_boxes`' selection, :func:`flip_masks`, :func:`pad_masks`) and the sample
+        gains ``masks``. The draws are the same with or without masks.
+
         Returns:
-            ``image`` / ``boxes`` / ``labels`` / ``image_shape`` as in the class docstring, or None when mmdet's
-            pipeline returns None (:func:`filter_boxes` removed every box; also a crop without boxes when
-            ``resample_empty``).
+            ``image`` / ``boxes`` / ``labels`` / ``image_shape`` (and ``masks``) as in the class docstring, or None
+            when mmdet's pipeline returns None (:func:`filter_boxes` removed every box; also a crop without boxes
+            when ``resample_empty``).
         """
+        if masks is not None:
+            return self._transform_with_masks(image, boxes, labels, rng, masks)
         lo, hi = self.ratio_range
         ratio = rng.random() * (hi - lo) + lo  # mmdet: np.random.random_sample() * (max - min) + min
         image, boxes = resize_with_boxes(image, boxes, random_scale(self.image_size, ratio))
@@ -530,6 +891,42 @@ class DetectionTrainSet(torch.utils.data.Dataset):
             "image_shape": (int(h), int(w)),
         }
 
+    def _transform_with_masks(self, image, boxes, labels, rng, masks) -> dict | None:
+        """:meth:`transform` with masks: mmdet's ``Resize`` / ``RandomCrop(recompute_bbox=True)`` /
+        ``FilterAnnotations`` / ``RandomFlip`` / ``Pad`` on ``gt_masks`` too."""
+        if len(masks) != len(boxes):
+            raise InvalidArgumentError(f"transform: {len(boxes)} boxes but {len(masks)} masks")
+        if isinstance(masks, np.ndarray) and masks.shape[1:] != image.shape[:2]:
+            raise InvalidArgumentError(f"transform: masks of {masks.shape[1:]} for a {image.shape[:2]} image")
+        lo, hi = self.ratio_range
+        ratio = rng.random() * (hi - lo) + lo
+        image, boxes = resize_with_boxes(image, boxes, random_scale(self.image_size, ratio))
+        resized_h, resized_w = image.shape[:2]
+        image, _, labels, corner = random_crop(image, boxes, labels, self.image_size, rng)
+        crop = image.shape[:2]
+        _, valid = crop_boxes(boxes, corner, crop)
+        kept_masks = [masks[int(k)] for k in np.flatnonzero(valid)]  # mmdet: results[mask_key][valid_inds]
+        cropped = resize_and_crop_masks(kept_masks, (resized_w, resized_h), corner, crop)
+        boxes = mask_boxes(cropped)  # recompute_bbox=True
+        if self.resample_empty and len(boxes) == 0:
+            return None
+        if len(boxes):
+            keep = boxes_kept(boxes)
+            if not keep.any():
+                return None
+            boxes, labels, cropped = boxes[keep], labels[keep], cropped[keep]
+        if rng.random() < self.flip:
+            image, boxes = flip(image, boxes)
+            cropped = flip_masks(cropped)
+        h, w = image.shape[:2]
+        return {
+            "image": normalise_and_pad(image, self.image_size),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "masks": torch.from_numpy(pad_masks(cropped, self.image_size)),
+            "image_shape": (int(h), int(w)),
+        }
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         if not 0 <= index < len(self):
@@ -540,7 +937,11 @@ class DetectionTrainSet(torch.utils.data.Dataset):
             image, used, s = self._load(j)
             skipped += s
             boxes, labels = self.annotations(used)
-            out = self.transform(image, boxes, labels, rng)
+            masks = None
+            if self.with_masks:
+                json_hw = (int(self._json_hw[used][0]), int(self._json_hw[used][1]))
+                masks = _LazyMasks(self.segmentations(used), json_hw, image.shape[:2])
+            out = self.transform(image, boxes, labels, rng, masks)
             if out is not None:
                 out.update(
                     index=index,
@@ -564,7 +965,8 @@ def collate(samples: Sequence[dict]) -> dict:
     Returns:
         ``images`` B x 3 x S x S float32; ``boxes`` B tensors K_b x 4; ``labels`` B tensors (K_b,);
         ``image_shapes`` B ``(h, w)`` tuples (what :meth:`FViT.image_features` takes); ``index``,
-        ``image_index``, ``image_id``, ``skipped``, ``resampled`` (B,) int64.
+        ``image_index``, ``image_id``, ``skipped``, ``resampled`` (B,) int64; with masks (OV-LVIS) also ``masks``,
+        B uint8 tensors K_b x S x S.
     """
     if not samples:
         raise InvalidArgumentError("collate: no samples")
@@ -576,6 +978,8 @@ def collate(samples: Sequence[dict]) -> dict:
     }
     for key in ("index", "image_index", "image_id", "skipped", "resampled"):
         out[key] = torch.tensor([int(s[key]) for s in samples], dtype=torch.int64)
+    if "masks" in samples[0]:
+        out["masks"] = [s["masks"] for s in samples]
     return out
 
 

@@ -20,12 +20,17 @@ __all__ = ["evaluate_detector", "image_path"]
 
 
 def image_path(image_dir: Path, entry: dict) -> Path:
-    """Where an annotation file's image lies: ``image_dir / file_name`` (LVIS files give only ``coco_url``, whose
-    last part is the COCO 2017 file name)."""
-    name = entry.get("file_name") or str(entry.get("coco_url", "")).rsplit("/", 1)[-1]
-    if not name:
+    """Where an annotation file's image lies: ``image_dir / file_name``; for LVIS files, which give only
+    ``coco_url`` (``http://images.cocodataset.org/<train2017|val2017>/<file>``: LVIS v1 val holds images of both
+    COCO folders), that folder beside ``image_dir``, as mmdet's ``LVISV1Dataset`` resolves it."""
+    if entry.get("file_name"):
+        return image_dir / entry["file_name"]
+    parts = [p for p in str(entry.get("coco_url", "")).split("/") if p]
+    if not parts:
         raise OvdenseError(f"image {entry.get('id')} of the annotation file has no file_name or coco_url")
-    return image_dir / name
+    if len(parts) >= 2 and parts[-2] in ("train2017", "val2017"):
+        return image_dir.parent / parts[-2] / parts[-1]
+    return image_dir / parts[-1]
 
 
 class _Images(Dataset):

@@ -11,7 +11,7 @@ from ..methods import get_method
 from ..precision import PRECISIONS
 from ..ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Range, check
 
-__all__ = ["CHOICES", "RECIPES", "TrainConfig"]
+__all__ = ["BENCHMARK_DEFAULTS", "CHOICES", "RECIPES", "TrainConfig"]
 
 #: Loss settings per recipe. ``released``: DeCLIP's CVPR code (row-wise L2 context loss, 1x1 RoI content
 #: loss). ``extended``: the journal version's formulas with our defaults where no code is public (row-wise
@@ -32,6 +32,12 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
     ),
 }
 
+#: Defaults per (objective, benchmark), applied after :data:`OBJECTIVE_DEFAULTS` to fields not given: CLIPSelf's
+#: OV-LVIS configs run 48 epochs (``runner.max_epochs``; the learning rate steps at 32 and 44).
+BENCHMARK_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("fvit", "ov-lvis"): dict(epochs=48),
+}
+
 #: Fields with a closed set of values (the command line offers them as choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
@@ -39,7 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "context_loss": ("l2", "kl"),
     "content_loss": ("roi", "tokens"),
     "precision": PRECISIONS,
-    "benchmark": ("ov-coco",),
+    "benchmark": ("ov-coco", "ov-lvis"),
 }
 
 
@@ -158,7 +164,11 @@ class TrainConfig:
     )
     refiner_tau: float = _flag(0.2, "Refiner stage: InfoNCE temperature (ours)", objective="refiner", range=POSITIVE)
     # F-ViT detector (ovdense train fvit)
-    benchmark: str = _flag("ov-coco", "F-ViT: the detection benchmark trained for (ov-coco)", objective="fvit")
+    benchmark: str = _flag(
+        "ov-coco",
+        "F-ViT: the detection benchmark trained for (ov-coco; ov-lvis: with masks, 48 epochs)",
+        objective="fvit",
+    )
     class_embeddings: str | None = _flag(
         None, "F-ViT: class-embedding file (.pt: name -> vector, with background) for the classes", objective="fvit"
     )
@@ -216,10 +226,14 @@ class TrainConfig:
         return dataclasses.replace(self, recipe=recipe, **updates)
 
     def with_objective_defaults(self, explicit: set[str] | None = None) -> TrainConfig:
-        """This config with its objective's own defaults (:data:`OBJECTIVE_DEFAULTS`) for every field not in
-        ``explicit``."""
+        """This config with its objective's own defaults (:data:`OBJECTIVE_DEFAULTS`, then its benchmark's,
+        :data:`BENCHMARK_DEFAULTS`) for every field not in ``explicit``."""
         explicit = explicit or set()
-        updates = {k: v for k, v in OBJECTIVE_DEFAULTS.get(self.objective, {}).items() if k not in explicit}
+        defaults = {
+            **OBJECTIVE_DEFAULTS.get(self.objective, {}),
+            **BENCHMARK_DEFAULTS.get((self.objective, self.benchmark), {}),
+        }
+        updates = {k: v for k, v in defaults.items() if k not in explicit}
         return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict:

@@ -6,6 +6,10 @@ eval mode) -> simple pyramid -> FPN -> RPN losses (MaxIoU 0.7/0.3, 256 anchors, 
 MaxIoU 0.5, 512 RoIs, a quarter positive -> RoIAlign 7x7 -> box head -> cosine logits against the training
 classes' text embeddings (background last) -> CE with class weights (novel 0: masked out of the softmax; background
 0.6) + L1 on class-agnostic deltas. Only base-class boxes are in the data (:mod:`ovdense.detection.data`).
+OV-LVIS (``--benchmark ov-lvis``) adds the mask branch: the sampled positives' RoIs -> RoIAlign 14x14 on P2-P5 ->
+the FCN mask head -> per-pixel BCE against 28x28 targets cut from the instance masks (``loss_mask``, weight 1);
+its RCNN assigner matches low-quality boxes, its class weights zero the 337 rare classes (background 0.9), and it
+runs 48 epochs with the learning rate /10 after epochs 32 and 44.
 
 The optimiser and schedule: AdamW (betas 0.9/0.999, weight decay on every parameter), the learning rate given for a
 batch of 64 scaled by the real global batch (mmdet's ``auto_scale_lr``), linear warm-up from 0.001x over the first
@@ -41,6 +45,12 @@ BASE_BATCH = 64
 WARMUP_RATIO = 0.001
 #: Epochs (0-based counts) after which the learning rate drops by 10x (OV-COCO: never within 3 epochs).
 LR_STEPS = {"ov-coco": (100,), "ov-lvis": (32, 44)}
+#: ``--data`` per benchmark: the train annotation file under ``annotations/``, the folder image paths are relative
+#: to (LVIS: the root, images named by ``coco_url`` as ``train2017/...`` or ``val2017/...``), the folder's name.
+TRAIN_LAYOUT = {
+    "ov-coco": ("instances_train2017.json", "train2017", "COCO 2017"),
+    "ov-lvis": ("lvis_v1_train.json", ".", "LVIS v1 (annotations/ beside COCO's train2017/ and val2017/)"),
+}
 
 
 def fvit_lr(step: int, epoch: int, base_lr: float, warmup: int, steps: tuple[int, ...], gamma: float = 0.1) -> float:
@@ -59,7 +69,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class FViTTrainModule(nn.Module):
-    """The F-ViT and its training losses: ``forward(batch)`` -> the four loss terms (see the module docstring).
+    """The F-ViT and its training losses: ``forward(batch)`` -> the four loss terms, and ``loss_mask`` when the model
+    has a mask head (OV-LVIS; the batch then carries ``masks``) (see the module docstring).
 
     Args:
         fvit: the :class:`~ovdense.detection.fvit.FViT` (tower frozen).
@@ -141,13 +152,34 @@ class FViTTrainModule(nn.Module):
         # the global batch's samples, as one process would compute it (ours; 1 on a single process).
         rpn_share = regions_share(float(rpn_terms.pop("rpn_samples")))
         rcnn_share = regions_share(int(targets.rois.shape[0]))
-        return {
+        out = {
             "loss_rpn_cls": rpn_terms["loss_rpn_cls"] * rpn_share,
             "loss_rpn_bbox": rpn_terms["loss_rpn_bbox"] * rpn_share,
             "loss_cls": rcnn_terms["loss_cls"] * rcnn_share,
             "loss_bbox": rcnn_terms["loss_bbox"] * rcnn_share,
             "acc": rcnn_terms["acc"].detach(),
         }
+        if fvit.mask_head is not None:
+            out["loss_mask"] = self._mask_loss(features, targets, batch["masks"])
+        return out
+
+    def _mask_loss(self, features, targets, masks) -> torch.Tensor:
+        """mmdet ``StandardRoIHead._mask_forward_train`` (no shared RoI extractor): the positives' RoIs (``pos_rois``,
+        images in order) -> RoIAlign 14x14 on P2-P5 -> mask head -> BCE against :func:`rcnn_mask_targets` (28x28)
+        averaged over the positives' pixels; scaled like the RCNN terms by this process's share of the positives
+        (every process runs the head, also on 0 RoIs, so that DDP and SyncBN see the same modules)."""
+        from ..detection.roi import multilevel_roi_align
+        from ..detection.targets import mask_loss, rcnn_mask_targets
+        from .objectives import regions_share
+
+        fvit = self.fvit
+        pos_rois = targets.pos_rois
+        device = pos_rois.device
+        mask_features = multilevel_roi_align(features.levels[:4], fvit.strides[:4], pos_rois, 14)
+        logits = fvit.mask_head(mask_features)
+        with torch.no_grad():
+            mask_targets = rcnn_mask_targets(targets, [m.to(device) for m in masks], size=logits.shape[-1])
+        return mask_loss(logits, mask_targets) * regions_share(int(pos_rois.shape[0]))
 
 
 class FViTObjective:
@@ -155,8 +187,16 @@ class FViTObjective:
 
     name = "fvit"
     exports = "fvit"
-    #: ``acc`` (the RCNN's accuracy in %, detached) is logged beside the losses and weighs nothing.
-    weights = {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 1.0, "acc": 0.0}
+    #: ``acc`` (the RCNN's accuracy in %, detached) is logged beside the losses and weighs nothing; ``loss_mask``
+    #: (OV-LVIS) weighs 1 (``CrossEntropyLoss(use_mask=True, loss_weight=1.0)``).
+    weights = {
+        "loss_rpn_cls": 1.0,
+        "loss_rpn_bbox": 1.0,
+        "loss_cls": 1.0,
+        "loss_bbox": 1.0,
+        "loss_mask": 1.0,
+        "acc": 0.0,
+    }
 
     def __call__(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         return out  # the weighted total reads the four losses; ``acc`` (RCNN accuracy, %) is logged only
@@ -172,12 +212,15 @@ class FViTTrainer(Trainer):
         from ..detection.benchmarks import fvit_config
         from ..detection.data import DetectionTrainSet
         from ..detection.fvit import FViT
-        from ..detection.targets import class_weights_ov_coco
+        from ..detection.targets import class_weights_ov_coco, class_weights_ov_lvis
         from ..weights import load_model
 
         cfg = self.cfg
-        if cfg.benchmark != "ov-coco":
-            raise OvdenseError(f"train fvit --benchmark {cfg.benchmark}: only ov-coco training is available yet")
+        lvis = cfg.benchmark == "ov-lvis"
+        if cfg.benchmark not in TRAIN_LAYOUT:
+            raise OvdenseError(f"train fvit --benchmark {cfg.benchmark}: choose one of {', '.join(TRAIN_LAYOUT)}")
+        if lvis and cfg.val_data and not (Path(cfg.val_data) / "annotations" / "lvis_v1_val.json").is_file():
+            raise OvdenseError(f"--val-data: {Path(cfg.val_data) / 'annotations' / 'lvis_v1_val.json'} not found")
         if not str(cfg.out):
             raise OvdenseError("no output folder given: pass --out RUN_DIR")
         self.out = Path(cfg.out)
@@ -187,10 +230,11 @@ class FViTTrainer(Trainer):
                 f"{self.out} holds a run that can be continued: pass --resume {self.out}, or write to another --out"
             )
         root = Path(cfg.data)
-        ann = root / "annotations" / "instances_train2017.json"
-        image_dir = root / "train2017"
+        ann_name, image_folder, what = TRAIN_LAYOUT[cfg.benchmark]
+        ann = root / "annotations" / ann_name
+        image_dir = root / image_folder
         if not ann.is_file():
-            raise OvdenseError(f"annotation file not found: {ann} (--data is the COCO 2017 folder)")
+            raise OvdenseError(f"annotation file not found: {ann} (--data is the {what} folder)")
         if not image_dir.is_dir():
             raise OvdenseError(f"image folder not found: {image_dir}")
         if cfg.class_embeddings is not None and not Path(cfg.class_embeddings).is_file():
@@ -213,7 +257,11 @@ class FViTTrainer(Trainer):
         self.fvit = FViT(tower, config).to(self.device)
         self.fvit.train_embeddings.copy_(self._class_embeddings(names))
         self.fvit.box_head.fc_cls.requires_grad_(False)  # never used by F-ViT (the authors: find_unused_parameters)
-        module = FViTTrainModule(self.fvit, class_weights_ov_coco(names, base)).to(self.device)
+        if lvis:  # CLIPSelf: [image_count > 0] of lvis_v1_train_cat_norare_info.json (rare: 0), background 0.9
+            weights = class_weights_ov_lvis(self.dataset.image_counts, background=0.9)
+        else:
+            weights = class_weights_ov_coco(names, base)
+        module = FViTTrainModule(self.fvit, weights, match_low_quality=lvis).to(self.device)
         if self.dist.world_size > 1:
             from .sync_batchnorm import convert_sync_batchnorm
 
@@ -313,9 +361,9 @@ class FViTTrainer(Trainer):
         return path
 
     def _validate(self, state, epoch: int, logger) -> None:
-        """OV-COCO AP50 (novel / base / all) on ``val_data`` (a COCO 2017 folder) with the current detector."""
+        """AP on ``val_data`` with the current detector: OV-COCO AP50 novel / base / all (a COCO 2017 folder), or
+        OV-LVIS mask AP, AP_r, AP_c, AP_f (a folder with ``annotations/lvis_v1_val.json`` and ``val2017/``)."""
         from ..detection.detector import Detector
-        from ..eval.detection import load_coco_annotations
         from ..eval.detection_runner import evaluate_detector
 
         if self.dist.world_size > 1:
@@ -323,7 +371,14 @@ class FViTTrainer(Trainer):
 
             dist.barrier()
         root = Path(self.cfg.val_data)
-        coco_gt, categories = load_coco_annotations(root / "annotations" / "instances_val2017.json", "ov-coco")
+        if self.cfg.benchmark == "ov-lvis":
+            from ..eval.lvis import load_lvis_annotations
+
+            gt, categories = load_lvis_annotations(root / "annotations" / "lvis_v1_val.json")
+        else:
+            from ..eval.detection import load_coco_annotations
+
+            gt, categories = load_coco_annotations(root / "annotations" / "instances_val2017.json", "ov-coco")
         # The classes' embeddings are the ones the detector trains with: no text pass per validation.
         columns = self.fvit.train_embeddings.detach().cpu().T
         table = dict(zip([*categories.names, "background"], columns, strict=True))
@@ -331,16 +386,13 @@ class FViTTrainer(Trainer):
         detector = Detector(self.fvit, self.loaded, self.cfg.benchmark, self.device, settings, class_table=table)
         try:
             metrics, _ = evaluate_detector(
-                detector, coco_gt, categories, root / "val2017", limit=self.cfg.val_limit, num_workers=0, progress=False
-            )
+                detector, gt, categories, root / "val2017", limit=self.cfg.val_limit, num_workers=0, progress=False,
+                box_ap=False,
+            )  # fmt: skip
         finally:
             self.student.train()
-        logger.log_values(
-            self.step,
-            epoch,
-            {
-                "val/novel_ap50": metrics.novel_ap50,
-                "val/base_ap50": metrics.base_ap50,
-                "val/all_ap50": metrics.all_ap50,
-            },
-        )
+        if self.cfg.benchmark == "ov-lvis":
+            values = {f"val/mask_{k}": metrics.summary[k] for k in ("AP", "APr", "APc", "APf")}
+        else:
+            values = {k: getattr(metrics, k.split("/")[1]) for k in ("val/novel_ap50", "val/base_ap50", "val/all_ap50")}
+        logger.log_values(self.step, epoch, values)

@@ -30,6 +30,11 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
         stats = all_reduce(stats)
         total = stats[-1]
+        shape = (1, c, 1, 1)
+        if float(total) == 0:  # no process has an element (e.g. no positive RoI for a mask head): nothing to learn,
+            # statistics unchanged (torch's BatchNorm skips them on empty input), the parameters still in the graph
+            out = xf * self.weight.view(shape) + self.bias.view(shape) if self.affine else xf
+            return out.to(x.dtype)
         mean = stats[:c] / total
         var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
         with torch.no_grad():
@@ -38,7 +43,6 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.mul_(1 - m).add_(mean.detach() * m)
             unbiased = var.detach() * total / (total - 1).clamp_min(1)
             self.running_var.mul_(1 - m).add_(unbiased * m)
-        shape = (1, c, 1, 1)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
