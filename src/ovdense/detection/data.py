@@ -34,7 +34,6 @@ does not promise the same ``Generator`` streams across versions).
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InvalidArgumentError, OvdenseError, first_line
-from ..eval.detection import OVCategories, is_json_int, is_json_number, ov_coco_categories, short_repr
+from ..errors import InvalidArgumentError, OvdenseError
+from ..eval.detection import (
+    OVCategories,
+    is_json_int,
+    is_json_number,
+    ov_coco_categories,
+    read_annotation_json,
+    short_repr,
+)
 from ..images import ImageDecodeError, decode_image
 from .fvit import PIXEL_MEAN, PIXEL_STD
 
@@ -317,14 +323,7 @@ def _bad(path, what: str) -> OvdenseError:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise OvdenseError(f"cannot read the annotation file {path}: {err.strerror or first_line(err)}") from None
-    try:
-        dataset = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OvdenseError(f"the annotation file {path} is not JSON: {first_line(err)}") from None
+    dataset = read_annotation_json(path)
     if not isinstance(dataset, dict):
         raise _bad(path, "not a COCO instances file (a JSON object with images, annotations and categories)")
     for key in ("images", "annotations", "categories"):

@@ -224,6 +224,23 @@ def short_repr(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
+def read_annotation_json(path) -> object:
+    """The parsed JSON of an annotation file.
+
+    Raises:
+        OvdenseError: one line: the file cannot be read, or is not JSON.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise OvdenseError(f"cannot read the annotation file {path}: {err.strerror or first_line(err)}") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OvdenseError(f"the annotation file {path} is not JSON: {first_line(err)}") from None
+
+
 def annotation_error(path):
     """``bad(what)`` -> the one-line :class:`OvdenseError` about the annotation file ``path``."""
 
@@ -343,14 +360,7 @@ def load_coco_annotations(path, benchmark: str):
     if benchmark not in BENCHMARKS:
         raise InvalidArgumentError(f"unknown detection benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise OvdenseError(f"cannot read the annotation file {path}: {err.strerror or first_line(err)}") from None
-    try:
-        dataset = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OvdenseError(f"the annotation file {path} is not JSON: {first_line(err)}") from None
+    dataset = read_annotation_json(path)
     _validate(dataset, path)
     source = f"the annotation file {path}"
     if benchmark == "coco":

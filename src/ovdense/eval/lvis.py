@@ -57,6 +57,7 @@ from .detection import (
     is_json_int,
     is_json_number,
     nanmean,
+    read_annotation_json,
     read_split,
     short_repr,
 )
@@ -271,15 +272,7 @@ def load_lvis_annotations(path):
             ``lvis`` package is not installed.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise OvdenseError(f"cannot read the annotation file {path}: {err.strerror or first_line(err)}") from None
-    try:
-        dataset = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OvdenseError(f"the annotation file {path} is not JSON: {first_line(err)}") from None
-    del raw
+    dataset = read_annotation_json(path)
     _validate_lvis(dataset, path)
     categories = _lvis_categories(dataset["categories"], path)
     return _lvis_from_dataset(dataset), categories

@@ -24,17 +24,15 @@ the epoch and the image's index, so a resumed run, or one with another number of
 from __future__ import annotations
 
 import json
-import random
 import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..distributed import init_distributed_from_env
 from ..errors import OvdenseError
 from ..fileio import check_output_dir, write_atomic_durable
-from ..precision import amp_dtype, check_precision
+from ..precision import amp_dtype
 from .state import CURRENT_FILE, STATE_DIR
 from .trainer import EpochSampler, Trainer
 
@@ -213,7 +211,6 @@ class FViTTrainer(Trainer):
         from ..detection.data import DetectionTrainSet
         from ..detection.fvit import FViT
         from ..detection.targets import class_weights_ov_coco, class_weights_ov_lvis
-        from ..weights import load_model
 
         cfg = self.cfg
         lvis = cfg.benchmark == "ov-lvis"
@@ -239,15 +236,7 @@ class FViTTrainer(Trainer):
             raise OvdenseError(f"image folder not found: {image_dir}")
         if cfg.class_embeddings is not None and not Path(cfg.class_embeddings).is_file():
             raise OvdenseError(f"--class-embeddings: file not found: {cfg.class_embeddings}")
-        self.dist = init_distributed_from_env(cfg.device)
-        device = cfg.device
-        if device is None and self.dist.world_size > 1 and torch.cuda.is_available():
-            device = f"cuda:{self.dist.local_rank}"
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.loaded = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
-        self.device = next(self.loaded.model.parameters()).device
-        check_precision(cfg.precision, self.device)
+        self.join_and_load()
         tower = self.loaded.tower
         overrides = {} if cfg.image_size is None else {"image_size": cfg.image_size}
         config = fvit_config(cfg.benchmark, tower, **overrides)

@@ -204,7 +204,6 @@ class Trainer:
         return self
 
     def _setup(self) -> None:
-        from ..weights import load_model
         from .data import DistillDataset, open_source
         from .objectives import OBJECTIVES, build_objective
         from .teachers import ClipTeacher
@@ -226,15 +225,7 @@ class Trainer:
                 f"{self.out} holds a run that can be continued: pass --resume {self.out}, or write to another --out"
             )
         source = open_source(cfg.data)  # an empty or missing data folder fails before any model loads
-        self.dist = init_distributed_from_env(cfg.device)
-        device = cfg.device
-        if device is None and self.dist.world_size > 1 and torch.cuda.is_available():
-            device = f"cuda:{self.dist.local_rank}"
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.loaded = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
-        self.device = next(self.loaded.model.parameters()).device
-        check_precision(cfg.precision, self.device)
+        self.join_and_load()
         tower = self.loaded.tower
         self.clip_teacher = ClipTeacher(self.loaded.model)  # the initial weights: crop teacher, ensembling partner
         grid = cfg.image_size // tower.patch_size
@@ -283,6 +274,22 @@ class Trainer:
         self._saved_at: tuple[int, int] | None = None  # (epoch, batch) of the last resume point written
         if cfg.resume:
             self._resume(Path(cfg.resume))
+
+    def join_and_load(self) -> None:
+        """Join the torchrun group (each process on its own GPU), seed Python and torch, load the CLIP the config
+        names (``self.loaded``, ``self.device``) and check the precision against that device."""
+        from ..weights import load_model
+
+        cfg = self.cfg
+        self.dist = init_distributed_from_env(cfg.device)
+        device = cfg.device
+        if device is None and self.dist.world_size > 1 and torch.cuda.is_available():
+            device = f"cuda:{self.dist.local_rank}"
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.loaded = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
+        self.device = next(self.loaded.model.parameters()).device
+        check_precision(cfg.precision, self.device)
 
     def _autocast(self):
         return autocast(self.cfg.precision, self.device)
