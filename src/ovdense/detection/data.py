@@ -322,6 +322,26 @@ def _bad(path, what: str) -> OvdenseError:
     return OvdenseError(f"the annotation file {path}: {what}")
 
 
+def _not_a_target(ann: dict, bbox, image_size: tuple[int, int]) -> str | None:
+    """Why mmdet 2.28.1's ``CocoDataset._parse_ann_info`` does not make an annotation a box target (its rules in its
+    order: ``ignore``, ``no_overlap`` with the image, ``degenerate`` (area <= 0, w < 1 or h < 1), ``crowd``), or
+    None. Crowd boxes go to ``gt_bboxes_ignore``, which the config's ``Collect`` drops and F-ViT's assigners would not
+    read anyway (``ignore_iof_thr=-1``): they are simply not targets."""
+    if ann.get("ignore", False):
+        return "ignore"
+    img_h, img_w = image_size
+    x1, y1, w, h = bbox
+    inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
+    inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
+    if inter_w * inter_h == 0:
+        return "no_overlap"
+    if ann["area"] <= 0 or w < 1 or h < 1:
+        return "degenerate"
+    if ann.get("iscrowd", False):
+        return "crowd"
+    return None
+
+
 def _read_json(path: Path) -> dict:
     dataset = read_annotation_json(path)
     if not isinstance(dataset, dict):
@@ -393,25 +413,12 @@ def _parse_ov_coco(path: Path, dataset: dict, categories: OVCategories):
         # mmdet _filter_imgs: an image is eligible when it has any annotation of the classes, whatever
         # _parse_ann_info later keeps (crowd-only or degenerate-only images train as background).
         with_base.add(image_id)
-        # 2. mmdet 2.28.1 CocoDataset._parse_ann_info = CLIPSelf coco_ov.py _parse_ann_info, in its order.
-        if ann.get("ignore", False):
-            stats["ignore"] += 1
+        # 2. mmdet 2.28.1 CocoDataset._parse_ann_info (= CLIPSelf coco_ov.py's; LVISV1Dataset inherits it).
+        reason = _not_a_target(ann, bbox, images[image_id][1:])
+        if reason is not None:
+            stats[reason] += 1
             continue
-        _, img_h, img_w = images[image_id]
         x1, y1, w, h = bbox
-        inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
-        inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
-        if inter_w * inter_h == 0:
-            stats["no_overlap"] += 1
-            continue
-        if ann["area"] <= 0 or w < 1 or h < 1:
-            stats["degenerate"] += 1
-            continue
-        if ann.get("iscrowd", False):
-            # mmdet moves crowd boxes to gt_bboxes_ignore, which the config's Collect drops and F-ViT's
-            # assigners would not read anyway (ignore_iof_thr=-1): they are simply not targets.
-            stats["crowd"] += 1
-            continue
         boxes.setdefault(image_id, []).append([x1, y1, x1 + w, y1 + h])
         labels.setdefault(image_id, []).append(label_of[ann["category_id"]])
     kept = []
@@ -553,23 +560,12 @@ def _parse_ov_lvis(path: Path, dataset: dict, categories: OVCategories):
             continue
         image_id = ann["image_id"]
         with_ann.add(image_id)  # mmdet _filter_imgs: any annotation of the (remaining) classes
-        # 2. mmdet 2.28.1 CocoDataset._parse_ann_info (LVISV1Dataset inherits it), in its order.
-        if ann.get("ignore", False):
-            stats["ignore"] += 1
+        # 2. mmdet 2.28.1 CocoDataset._parse_ann_info (= CLIPSelf coco_ov.py's; LVISV1Dataset inherits it).
+        reason = _not_a_target(ann, bbox, images[image_id][1:])
+        if reason is not None:
+            stats[reason] += 1
             continue
-        _, img_h, img_w = images[image_id]
         x1, y1, w, h = bbox
-        inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
-        inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
-        if inter_w * inter_h == 0:
-            stats["no_overlap"] += 1
-            continue
-        if ann["area"] <= 0 or w < 1 or h < 1:
-            stats["degenerate"] += 1
-            continue
-        if ann.get("iscrowd", False):
-            stats["crowd"] += 1
-            continue
         seg = ann.get("segmentation")
         if not _valid_segmentation(seg):
             raise _bad(path, f"{label} has segmentation {short_repr(seg)}: give polygons (lists of x, y) or an RLE")
