@@ -218,7 +218,7 @@ def test_synchronised_batchnorm_equals_one_process_batchnorm(tmp_path):
                           str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in ("one", "two"))
     for name, grad in a["grads"].items():
         torch.testing.assert_close(b["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     for name, value in a["buffers"].items():  # running statistics, with the unbiased variance

@@ -28,11 +28,13 @@ __all__ = [
     "label_image",
     "label_palette",
     "legend_font_size",
+    "legend_panel",
     "legend_rows",
     "load_font",
     "overlay",
     "prediction_and_truth",
     "save_image_atomic",
+    "with_panel",
     "save_label_png",
 ]
 
@@ -161,7 +163,7 @@ def legend_font_size(image_height: int) -> int:
     return int(np.clip(round(image_height / 32), 12, 128))
 
 
-def _legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
+def legend_panel(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
     """A white panel listing (colour, name) rows; sizes scale with ``image_height``."""
     font_size = legend_font_size(image_height)
     font = load_font(font_size)
@@ -310,7 +312,8 @@ def _panel_entries(rows: list[dict], percentages: bool) -> list[tuple[tuple[int,
     return entries or [(None, "no classes")]
 
 
-def _with_panel(picture: Image.Image, panel: Image.Image) -> Image.Image:
+def with_panel(picture: Image.Image, panel: Image.Image) -> Image.Image:
+    """``picture`` with ``panel`` on its right, on white."""
     w, h = picture.size
     canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
     canvas.paste(picture, (0, 0))
@@ -362,7 +365,7 @@ def overlay(
     if not legend:
         return picture
     entries = _panel_entries(legend_rows(lab, names, background, only_present), percentages)
-    return _with_panel(picture, _legend_panel(entries, lab.shape[0]))
+    return with_panel(picture, legend_panel(entries, lab.shape[0]))
 
 
 def _titled(picture: np.ndarray, title: str, font_size: int) -> Image.Image:
@@ -415,7 +418,7 @@ def prediction_and_truth(
     pair.paste(left, (0, 0))
     pair.paste(right, (w + gap, 0))
     rows = legend_rows(np.concatenate([pred.reshape(-1), gt.reshape(-1)]), names, background)
-    return _with_panel(pair, _legend_panel(_panel_entries(rows, percentages=False), left.height))
+    return with_panel(pair, legend_panel(_panel_entries(rows, percentages=False), left.height))
 
 
 # --------------------------------------------------------------------------------------------- areas

@@ -14,14 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..viz import MAX_PALETTE, VizInputError, display_name, label_palette, legend_font_size, load_font
+from ..viz import (
+    MAX_PALETTE,
+    VizInputError,
+    display_name,
+    label_palette,
+    legend_panel,
+    load_font,
+    with_panel,
+)
 
 __all__ = ["DetectionResult", "detection_colours", "mask_to_rle"]
 
-_PANEL_BG = (255, 255, 255)
 _DARK_TEXT = (0, 0, 0)
 _LIGHT_TEXT = (255, 255, 255)
-_SWATCH_OUTLINE = (100, 100, 100)  # channels not multiples of 32: never a VOC colour
 
 
 def detection_colours(num_classes: int) -> np.ndarray:
@@ -47,39 +53,6 @@ def _tag_font_size(height: int, width: int) -> int:
 def _text_colour(colour) -> tuple[int, int, int]:
     r, g, b = (int(c) for c in colour)
     return _DARK_TEXT if 0.299 * r + 0.587 * g + 0.114 * b > 140 else _LIGHT_TEXT
-
-
-def _legend(entries: list[tuple[tuple[int, int, int] | None, str]], image_height: int) -> Image.Image:
-    """A white panel of (swatch colour, text) rows, in columns when there are many; sizes scale with the image."""
-    size = legend_font_size(image_height)
-    font = load_font(size)
-    swatch = max(8, round(size * 1.1))
-    pad = max(4, round(size * 0.6))
-    gap = max(4, round(size * 0.5))
-    col_gap = max(8, round(size * 1.2))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [measure.textbbox((0, 0), text, font=font) for _, text in entries]
-    text_h = max(max(b[3] - b[1] for b in boxes), size)
-    row_h = max(swatch, text_h) + max(3, round(size * 0.4))
-    rows_per_col = max(12, (image_height - 2 * pad) // row_h)
-    ncols = -(-len(entries) // rows_per_col)
-    nrows = -(-len(entries) // ncols)
-    lead = swatch + gap if any(colour is not None for colour, _ in entries) else 0
-    col_w = [lead + max(b[2] - b[0] for b in boxes[c * nrows : (c + 1) * nrows]) for c in range(ncols)]
-    panel = Image.new("RGB", (2 * pad + sum(col_w) + col_gap * (ncols - 1), 2 * pad + nrows * row_h), _PANEL_BG)
-    draw = ImageDraw.Draw(panel)
-    x0 = pad
-    for c in range(ncols):
-        for r, i in enumerate(range(c * nrows, min((c + 1) * nrows, len(entries)))):
-            colour, text = entries[i]
-            cy = pad + r * row_h + row_h // 2
-            if colour is not None:
-                top = cy - swatch // 2
-                draw.rectangle((x0, top, x0 + swatch - 1, top + swatch - 1), fill=colour, outline=_SWATCH_OUTLINE)
-            left, t, _, b = boxes[i]
-            draw.text((x0 + lead - left, cy - (t + b) / 2), text, fill=_DARK_TEXT, font=font)
-        x0 += col_w[c] + col_gap
-    return panel
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -317,8 +290,4 @@ class DetectionResult:
             return picture
         rows = self.legend_rows(min_score, max_boxes)
         entries = [(row["colour"], f"{display_name(row['name'])}  {row['count']}") for row in rows]
-        panel = _legend(entries or [(None, "no detections")], h)
-        canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), _PANEL_BG)
-        canvas.paste(picture, (0, 0))
-        canvas.paste(panel, (w, 0))
-        return canvas
+        return with_panel(picture, legend_panel(entries or [(None, "no detections")], h))
