@@ -34,7 +34,7 @@ from ..errors import OvdenseError
 from ..fileio import check_output_dir, write_atomic_durable
 from ..precision import amp_dtype
 from .state import CURRENT_FILE, STATE_DIR
-from .trainer import EpochSampler, Trainer
+from .trainer import Trainer
 
 __all__ = ["FViTObjective", "FViTTrainModule", "FViTTrainer", "fvit_lr"]
 
@@ -259,15 +259,7 @@ class FViTTrainer(Trainer):
         self.trained = module
         self.trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         self.objective = FViTObjective()
-        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
-        if self.sampler.batches_per_epoch < 1:
-            raise OvdenseError(
-                f"{cfg.data}: {len(self.dataset)} images are fewer than one batch of {cfg.batch_size} per process"
-            )
-        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.accum_steps
-        if self.steps_per_epoch < 1:
-            raise OvdenseError("fewer batches per epoch than --accum-steps")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.plan_steps()
         global_batch = cfg.batch_size * cfg.accum_steps * self.dist.world_size
         self.base_lr = cfg.lr * global_batch / BASE_BATCH
         betas, eps = cfg.adam_betas_eps()

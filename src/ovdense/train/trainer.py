@@ -247,15 +247,7 @@ class Trainer:
         )
         # All images unreadable: one error now, before fit() creates the run folder.
         self.dataset.check_readable()
-        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
-        if self.sampler.batches_per_epoch < 1:
-            raise OvdenseError(
-                f"{cfg.data}: {len(self.dataset)} images are fewer than one batch of {cfg.batch_size} per process"
-            )
-        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.accum_steps
-        if self.steps_per_epoch < 1:
-            raise OvdenseError("fewer batches per epoch than --accum-steps")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.plan_steps()
         betas, eps = cfg.adam_betas_eps()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.trained, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps
@@ -290,6 +282,23 @@ class Trainer:
         self.loaded = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
         self.device = next(self.loaded.model.parameters()).device
         check_precision(cfg.precision, self.device)
+
+    def plan_steps(self) -> None:
+        """This process's sampler over ``self.dataset`` and the run's steps per epoch and in all.
+
+        Raises:
+            OvdenseError: fewer images than one batch per process, or fewer batches than ``accum_steps``.
+        """
+        cfg = self.cfg
+        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        if self.sampler.batches_per_epoch < 1:
+            raise OvdenseError(
+                f"{cfg.data}: {len(self.dataset)} images are fewer than one batch of {cfg.batch_size} per process"
+            )
+        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch < 1:
+            raise OvdenseError("fewer batches per epoch than --accum-steps")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
 
     def _autocast(self):
         return autocast(self.cfg.precision, self.device)
