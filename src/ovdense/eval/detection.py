@@ -467,6 +467,38 @@ def nanmean(values: list[float]) -> float:
     return float(np.nanmean(v)) if v.size and not np.all(np.isnan(v)) else float("nan")  # no empty-slice warning
 
 
+def check_detection(i: int, det, evaluated: set, extra_keys: tuple[str, ...] = ()) -> tuple[list[float], float]:
+    """One results dict (``detections[i]``) checked: a dict with ``image_id``, ``category_id``, ``bbox``, ``score``
+    and ``extra_keys``, a bbox of 4 finite numbers, a finite score, a category among ``evaluated``.
+
+    Returns:
+        ``(bbox, score)`` as Python floats.
+
+    Raises:
+        InvalidArgumentError: the first problem, in one line.
+    """
+    if not isinstance(det, dict):
+        raise InvalidArgumentError(f"detections[{i}] is a {type(det).__name__}, not a dict")
+    for key in ("image_id", "category_id", "bbox", "score", *extra_keys):
+        if key not in det:
+            raise InvalidArgumentError(
+                f"detections[{i}] has no {key!r}"
+                + (" (mask AP needs a mask RLE per detection)" if key == "segmentation" else "")
+            )
+    bbox, score = finite_numbers(det["bbox"]), finite_numbers([det["score"]])
+    if bbox is None or len(bbox) != 4 or score is None:
+        raise InvalidArgumentError(
+            f"detections[{i}] needs a bbox of 4 finite numbers and a finite score; got bbox "
+            f"{short_repr(det['bbox'])}, score {short_repr(det['score'])}"
+        )
+    if det["category_id"] not in evaluated:
+        raise InvalidArgumentError(
+            f"detections[{i}] has category_id {short_repr(det['category_id'])}, not one of the "
+            f"{len(evaluated)} evaluated categories"
+        )
+    return bbox, score[0]
+
+
 def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[list[dict], int]:
     """Copies of the detections to evaluate (pycocotools' ``loadRes`` writes into them) and how many were dropped."""
     excluded = getattr(coco_gt, "ovdense_excluded_image_ids", frozenset())
@@ -475,22 +507,7 @@ def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[li
     kept: list[dict] = []
     dropped = 0
     for i, det in enumerate(detections):
-        if not isinstance(det, dict):
-            raise InvalidArgumentError(f"detections[{i}] is a {type(det).__name__}, not a dict")
-        for key in ("image_id", "category_id", "bbox", "score"):
-            if key not in det:
-                raise InvalidArgumentError(f"detections[{i}] has no {key!r}")
-        bbox, score = finite_numbers(det["bbox"]), finite_numbers([det["score"]])
-        if bbox is None or len(bbox) != 4 or score is None:
-            raise InvalidArgumentError(
-                f"detections[{i}] needs a bbox of 4 finite numbers and a finite score; got bbox "
-                f"{short_repr(det['bbox'])}, score {short_repr(det['score'])}"
-            )
-        if det["category_id"] not in evaluated:
-            raise InvalidArgumentError(
-                f"detections[{i}] has category_id {short_repr(det['category_id'])}, not one of the "
-                f"{len(categories.ids)} evaluated categories"
-            )
+        bbox, score = check_detection(i, det, evaluated)
         if det["image_id"] not in gt_images:
             if det["image_id"] in excluded:
                 dropped += 1
@@ -503,7 +520,7 @@ def _check_detections(coco_gt, categories: OVCategories, detections) -> tuple[li
                 "image_id": det["image_id"],
                 "category_id": det["category_id"],
                 "bbox": bbox,
-                "score": score[0],
+                "score": score,
             }
         )
     return kept, dropped

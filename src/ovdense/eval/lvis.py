@@ -51,9 +51,9 @@ from ..fileio import write_atomic, write_json_atomic
 from .detection import (
     OVCategories,
     annotation_error,
+    check_detection,
     check_instances,
     detections_to_coco,
-    finite_numbers,
     is_json_int,
     is_json_number,
     nanmean,
@@ -330,25 +330,7 @@ def _check_lvis_detections(lvis_gt, categories: OVCategories, detections, iou_ty
     evaluated = set(categories.ids)
     kept: list[dict] = []
     for i, det in enumerate(detections):
-        if not isinstance(det, dict):
-            raise InvalidArgumentError(f"detections[{i}] is a {type(det).__name__}, not a dict")
-        for k in ("image_id", "category_id", "bbox", "score", *(("segmentation",) if iou_type == "segm" else ())):
-            if k not in det:
-                raise InvalidArgumentError(
-                    f"detections[{i}] has no {k!r}"
-                    + (" (mask AP needs a mask RLE per detection)" if k[0] == "s" else "")
-                )
-        bbox, score = finite_numbers(det["bbox"]), finite_numbers([det["score"]])
-        if bbox is None or len(bbox) != 4 or score is None:
-            raise InvalidArgumentError(
-                f"detections[{i}] needs a bbox of 4 finite numbers and a finite score; got bbox "
-                f"{short_repr(det['bbox'])}, score {short_repr(det['score'])}"
-            )
-        if det["category_id"] not in evaluated:
-            raise InvalidArgumentError(
-                f"detections[{i}] has category_id {short_repr(det['category_id'])}, not one of the "
-                f"{len(categories.ids)} evaluated categories"
-            )
+        bbox, score = check_detection(i, det, evaluated, ("segmentation",) if iou_type == "segm" else ())
         image_id = det["image_id"]
         img = (
             images.get(int(image_id))
@@ -359,7 +341,7 @@ def _check_lvis_detections(lvis_gt, categories: OVCategories, detections, iou_ty
             raise InvalidArgumentError(
                 f"detections[{i}] has image_id {short_repr(det['image_id'])}, which is not in the annotation file"
             )
-        entry = {"image_id": int(image_id), "category_id": det["category_id"], "bbox": bbox, "score": score[0]}
+        entry = {"image_id": int(image_id), "category_id": det["category_id"], "bbox": bbox, "score": score}
         if iou_type == "segm":
             seg = det["segmentation"]
             size = [img["height"], img["width"]]
