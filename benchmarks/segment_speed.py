@@ -2,10 +2,15 @@
 
 Both paths use the same model, head, image and text embeddings in the same run; the baseline is
 ``window_batch=1`` (how SCLIP / NACLIP / ClearCLIP / SC-CLIP / ResCLIP / ProxyCLIP / CorrCLIP loop over windows),
-ours batches the windows (through CLIP and, for ProxyCLIP/CorrCLIP, the VFM). Prints a markdown table of
+ours batches the windows (through CLIP and, for heads with a VFM, the VFM). Prints a markdown table of
 windows/s, images/s and the ratios, on CPU and on CUDA when present, for a 12-block tiny test ViT (with the
 tiny test DINO) and a real-size random ViT-B/16 (with a random DINO ViT-B/8), per method. Random weights:
-speed only. CorrCLIP gets random rectangular regions as its masks.
+speed only.
+
+Any registered method runs (``--methods``): its inputs follow what its head declares (the text for
+``needs_text``, the VFM for ``uses_vfm``, random rectangular regions for ``uses_masks``; for ``native_vfm`` the
+same VFM's features of the whole image as its map and the windows' pixel coordinates), and its windows are padded
+as its preset says (``pad_multiple``, ``pad_to_patch``).
 
     python benchmarks/segment_speed.py [--repeats 3] [--threads 2] [--devices cpu cuda] [--methods sclip corrclip]
 """
@@ -21,8 +26,13 @@ import torch
 
 from ovdense.backbones import tower_for
 from ovdense.heads import PassInputs, TextQuery
+from ovdense.heads.vfm_proxies import MERGED_REGION_ID, vfm_input
 from ovdense.inference import assemble_cosine_maps, encode_windows, sliding_windows
-from ovdense.methods import create_head
+from ovdense.methods import create_head, list_methods
+from ovdense.presets import get_preset
+
+#: The methods timed by default: the heads whose references loop over windows.
+DEFAULT_METHODS = ("sclip", "scclip", "resclip", "proxyclip", "corrclip")
 
 
 def build(name: str, device: torch.device):
@@ -59,16 +69,52 @@ def random_regions(h: int, w: int, device: torch.device) -> torch.Tensor:
     return ids.view(1, 1, h, w).to(device)
 
 
-def time_image(tower, head, image, text, crop, stride, window_batch, repeats, autocast, vfm=None, regions=None):
+def window_inputs(head, tower, image, vfm, regions):
+    """What a pass of ``head`` needs besides the windows, from what the head declares.
+
+    Returns:
+        ``(extra, extra_pad, inputs)``: the 1 x K x H x W maps cut like the windows (None: none), their padding,
+        and ``inputs(maps)`` giving the :class:`PassInputs` of a batch of windows from its cut maps (None: none).
+    """
+    maps, pads, fixed = [], [], {}
+    if head.uses_masks:
+        maps.append(regions)
+        pads.append(float(MERGED_REGION_ID))  # CorrCLIP pads the region ids with its merged-region offset
+    if head.native_vfm:
+        from ovdense.vfm_map import VfmImageMap
+
+        # Once per image: the window VFM's features of the whole image stand for the head's own VFM (speed only).
+        pre = tower.preprocess
+        grid = vfm.features(vfm_input(image.float(), pre.mean, pre.std, vfm.mean, vfm.std))
+        fixed["vfm_map"] = VfmImageMap(grid, tuple(image.shape[-2:]))
+        h, w = image.shape[-2:]
+        rows = torch.arange(h, device=image.device, dtype=torch.float32)[:, None].expand(h, w)
+        cols = torch.arange(w, device=image.device, dtype=torch.float32)[None, :].expand(h, w)
+        maps.append(torch.stack([rows, cols])[None])
+        pads += [None, None]  # a padded pixel repeats the window's edge
+    elif head.uses_vfm:
+        fixed["vfm"] = vfm
+
+    def inputs(cut, text):
+        masks = cut[:, 0].long() if head.uses_masks else None
+        coords = cut[:, -2:].long() if head.native_vfm else None
+        return PassInputs(text=text, masks=masks, pixel_coords=coords, **fixed)
+
+    extra = torch.cat(maps, dim=1) if maps else None
+    return extra, tuple(pads), inputs
+
+
+def time_image(tower, head, image, text, crop, stride, pad, window_batch, repeats, autocast, vfm=None, regions=None):
+    extra, extra_pad, inputs = window_inputs(head, tower, image, vfm, regions)
+
     def run():
         query = TextQuery(text, 40.0) if head.needs_text else None
         with torch.no_grad(), autocast():
-            if regions is None:
-                encode = lambda x: head.encode_dense(tower, x, PassInputs(text=query, vfm=vfm))  # noqa: E731
+            if extra is None:
+                encode = lambda x: head.encode_dense(tower, x, inputs(None, query))  # noqa: E731
             else:
-                encode = lambda x, ids: head.encode_dense(tower, x, PassInputs(vfm=vfm, masks=ids[:, 0].long()))  # noqa: E731
-            pad = 56 if head.uses_vfm else 0  # ProxyCLIP's and CorrCLIP's padding (none at 224)
-            feats = encode_windows(image, encode, crop, stride, window_batch, pad, extra=regions, extra_pad=10000)
+                encode = lambda x, cut: head.encode_dense(tower, x, inputs(cut, query))  # noqa: E731
+            feats = encode_windows(image, encode, crop, stride, window_batch, pad, extra=extra, extra_pad=extra_pad)
             return assemble_cosine_maps(feats, text, image.shape[-2:])
 
     run()  # warm-up
@@ -90,11 +136,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=["ovdense-test-vit12", "ViT-B-16"])
-    parser.add_argument(
-        "--methods", nargs="+", default=["sclip", "scclip", "resclip", "proxyclip", "corrclip"], help="dense heads"
-    )
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="registered dense heads")
     parser.add_argument("--size", type=int, nargs=2, default=(336, 448), metavar=("H", "W"))
     args = parser.parse_args()
+    unknown = sorted(set(args.methods) - set(list_methods()))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; registered: {', '.join(list_methods())}")
+    heads = {m: create_head(m) for m in args.methods}
     torch.set_num_threads(args.threads)
     crop, stride = 224, 112
     h, w = args.size
@@ -110,19 +158,20 @@ def main() -> None:
             image = torch.randn(1, 3, h, w, generator=gen).to(device)
             text = torch.nn.functional.normalize(torch.randn(21, tower.out_dim, generator=gen), dim=-1).to(device)
             precisions = ["fp32"] + (["bf16"] if device.type == "cuda" else [])
-            vfm = build_vfm(name, device) if {"proxyclip", "corrclip"} & set(args.methods) else None
+            vfm = build_vfm(name, device) if any(head.uses_vfm for head in heads.values()) else None
             regions = random_regions(h, w, device)
             for method, precision in ((m, p) for m in args.methods for p in precisions):
-                head = create_head(method)
-                extra = dict(vfm=vfm if head.uses_vfm else None, regions=regions if head.uses_masks else None)
+                head = heads[method]
+                preset = get_preset(method)
+                pad = preset.pad_multiple or (tower.patch_size if preset.pad_to_patch else 0)
+                extra = dict(vfm=vfm, regions=regions)
                 if precision == "bf16":
                     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
                 else:
                     autocast = contextlib.nullcontext
-                t_loop, ref = time_image(tower, head, image, text, crop, stride, 1, args.repeats, autocast, **extra)
-                t_batch, out = time_image(
-                    tower, head, image, text, crop, stride, n_windows, args.repeats, autocast, **extra
-                )
+                timing = (tower, head, image, text, crop, stride, pad)
+                t_loop, ref = time_image(*timing, 1, args.repeats, autocast, **extra)
+                t_batch, out = time_image(*timing, n_windows, args.repeats, autocast, **extra)
                 max_diff = (out - ref).abs().max().item()
                 rows.append((dev_name, name, method, precision, n_windows, t_loop, t_batch, max_diff))
     print(f"\nimage {h}x{w}, crop {crop}, stride {stride}, {args.threads} CPU threads\n")

@@ -3,7 +3,9 @@
 ``make_dataset("voc21", tmp_path)`` writes a few random images and label PNGs where the real benchmark
 keeps them (``tmp_path/VOCdevkit/VOC2012/...``), with a split file where the benchmark has one, and returns
 what a correct reader must give back. Labels hold class 0, the highest class and ignore (255) pixels, and
-are stored like the released ones: palette PNGs for VOC, grey PNGs for the others.
+are stored like the released ones: palette PNGs for VOC, grey PNGs for the others. The 16-bit benchmarks
+(ADE-847, PC-459) get 16-bit TIFFs holding class 0, the highest class, class 255 (a real class there) and
+unlabelled (65535) pixels.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class FixtureDataset:
         root: the benchmark folder inside ``data_root`` (e.g. ``.../VOCdevkit/VOC2012``).
         names: sample ids in the order the reader must return them (split-file order, else sorted paths).
         images: HxWx3 uint8 RGB, the written images as decoded from disk (JPEG is lossy).
-        raw_labels: HxW uint8, the values stored in the label PNGs.
-        labels: HxW uint8, the labels the reader must return (after ``reduce_zero_label``; 255 = ignore).
+        raw_labels: HxW uint8 (uint16 for the 16-bit benchmarks), the values stored in the label files.
+        labels: HxW, the labels the reader must return (after ``reduce_zero_label``; 255 = ignore; uint16 and
+            65535 = unlabelled for the 16-bit benchmarks).
         unlisted: ids of images with labels on disk that the split file leaves out (must not be read).
     """
 
@@ -73,6 +76,18 @@ def _random_label(rng: np.random.Generator, size: tuple[int, int], max_raw: int)
     lab[0, 1] = max_raw  # the highest class
     lab[-1, -1] = 255  # ignore
     lab[-1, 0] = 255
+    return lab
+
+
+def _random_label_16(rng: np.random.Generator, size: tuple[int, int], max_raw: int, unlabelled: int) -> np.ndarray:
+    h, w = size
+    cells = rng.integers(0, max_raw + 1, size=((h + 3) // 4, (w + 3) // 4))
+    lab = np.kron(cells, np.ones((4, 4), dtype=np.int64))[:h, :w].astype(np.uint16)
+    lab[0, 0] = 0
+    lab[0, 1] = max_raw  # the highest class, above 255
+    lab[0, 2] = 255  # a real class in these benchmarks
+    lab[-1, -1] = unlabelled
+    lab[-1, 0] = unlabelled
     return lab
 
 
@@ -121,7 +136,8 @@ def make_dataset(
     written = {}
     for sid in ids:
         img = _random_image(rng, size)
-        raw = _random_label(rng, size, max_raw)
+        wide = spec.label_mode == "I;16"
+        raw = _random_label_16(rng, size, max_raw, spec.unlabelled) if wide else _random_label(rng, size, max_raw)
         img_path = base / spec.img_dir / f"{sid}{spec.img_suffix}"
         lab_path = base / spec.ann_dir / f"{sid}{spec.seg_map_suffix}"
         img_path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,12 +146,14 @@ def make_dataset(
             Image.fromarray(img).save(img_path, format="JPEG", quality=95)
         else:
             Image.fromarray(img).save(img_path, format="PNG")
-        if spec.label_mode == "P":
+        if wide:
+            lab = Image.fromarray(raw)  # mode I;16, as CAT-Seg writes them
+        elif spec.label_mode == "P":
             lab = Image.frombytes("P", (raw.shape[1], raw.shape[0]), raw.tobytes())
             lab.putpalette(voc_palette())
         else:
             lab = Image.fromarray(raw)
-        lab.save(lab_path, format="PNG")
+        lab.save(lab_path, format="TIFF" if wide else "PNG")
         with Image.open(img_path) as im:
             decoded = np.asarray(im.convert("RGB")).copy()
         written[sid] = (decoded, raw)

@@ -104,8 +104,10 @@ def test_list_commands(capsys):
         "resclip",
         "proxyclip",
         "corrclip",
+        "corrclipv2",
         "clip",
         "maskclip",
+        "sam3",
     ]
     code, out, _ = run(["list-models"], capsys)
     models = dict(line.split("\t") for line in out.splitlines())

@@ -109,7 +109,7 @@ def test_unknown_choice_is_an_argument_error(capsys):
     assert info.value.code == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("ovdense: error: --method: invalid choice: 'segformer' (choose from 'sclip', 'naclip', ")
-    assert "'maskclip')" in line and line.endswith("; see ovdense segment --help")
+    assert "'maskclip', 'sam3')" in line and line.endswith("; see ovdense segment --help")
 
 
 # -- --out and early checks -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ovdense.methods import (
 )
 from ovdense.text import build_text_classifier
 from ovdense.vfm import load_vfm
+from ovdense.vfm_map import VfmImageMap
 from ovdense.weights import load_model
 
 
@@ -46,7 +47,8 @@ class ToyValueHead(DenseHead):
         return tower.attn_out(v) * self.gain
 
 
-METHODS = [*list_methods(), "toy_value"]  # the registered methods and the toy above
+# The registered dense heads (not the methods with a model of their own: sam3) and the toy above.
+METHODS = [*(n for n in list_methods() if not get_method(n).own_model), "toy_value"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,9 +98,29 @@ def region_ids(seed: int) -> torch.Tensor:
     return ids
 
 
+def native_map(vfm) -> VfmImageMap | None:
+    """CorrCLIPv2's per-image VFM map standing in for a test DINO (a different one for each DINO)."""
+    if vfm is None:
+        return None
+    grid = torch.randn(1, 16, 9, 11, generator=torch.Generator().manual_seed(id(vfm) % 1000))
+    return VfmImageMap(grid, (96, 128))
+
+
+#: Each window pixel's place in the 96 x 128 image (both test images are whole windows).
+COORDS = torch.stack(torch.meshgrid(torch.arange(96), torch.arange(128), indexing="ij"))[None].expand(2, -1, -1, -1)
+
+
+def pass_inputs(spec, text, vfm, masks) -> PassInputs:
+    """Inputs with ``vfm`` as the head takes it: the VFM itself, or for a native-VFM head its map of the image."""
+    if spec.native_vfm:
+        coords = COORDS if masks is None else COORDS[: len(masks)]
+        return PassInputs("sclip", text=text, masks=masks, vfm_map=native_map(vfm), pixel_coords=coords)
+    return PassInputs("sclip", text=text, vfm=vfm, masks=masks)
+
+
 def full_inputs(spec, text, vfm, masks) -> PassInputs:
     """Everything a head may need: it must ignore what it does not declare."""
-    return PassInputs("sclip", text=TextQuery(text, 40.0), vfm=vfm, masks=masks)
+    return pass_inputs(spec, TextQuery(text, 40.0), vfm, masks)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -110,7 +132,8 @@ def test_dense_features_have_the_declared_shape_and_unit_norm(method, vit12, din
         feats, ctx = head.run(vit12.tower, IMAGES, full_inputs(spec, text, dinos[0], region_ids(0)),
                               record_attention=True)  # fmt: skip
     h, w = ctx.output_grid
-    grid = (96 // 8, 128 // 8) if spec.uses_vfm else (96 // 16, 128 // 16)  # test DINO: /8 patches; the ViT: /16
+    # Test DINO: /8 patches; native VFM heads: twice the CLIP grid (the same here); the ViT: /16.
+    grid = (96 // 8, 128 // 8) if spec.uses_vfm else (96 // 16, 128 // 16)
     assert (h, w) == grid and ctx.grid == (6, 8)
     assert feats.shape == (2, vit12.model.visual.output_dim, h, w)
     assert torch.isfinite(feats).all()
@@ -128,7 +151,7 @@ def test_batching_changes_no_window(method, vit12, dinos, text):
     with torch.no_grad():
         both = head.encode_dense(vit12.tower, IMAGES, inputs)
         for i in range(2):
-            one = PassInputs("sclip", inputs.text, inputs.vfm, inputs.masks[i : i + 1])
+            one = pass_inputs(spec, inputs.text, dinos[0], inputs.masks[i : i + 1])
             torch.testing.assert_close(both[i : i + 1], head.encode_dense(vit12.tower, IMAGES[i : i + 1], one),
                                        atol=2e-5, rtol=0)  # fmt: skip
 
@@ -139,15 +162,16 @@ def test_declared_needs_are_required_and_used_and_the_rest_ignored(method, vit12
     head = create_head(method)
     base = full_inputs(spec, text, dinos[0], region_ids(2))
     other_text = torch.nn.functional.normalize(torch.randn_like(text), dim=-1)
+    masks = base.masks
     changed = {
-        "needs_text": PassInputs("sclip", TextQuery(other_text, 40.0), base.vfm, base.masks),
-        "uses_vfm": PassInputs("sclip", base.text, dinos[1], base.masks),
-        "uses_masks": PassInputs("sclip", base.text, base.vfm, region_ids(3)),
+        "needs_text": pass_inputs(spec, TextQuery(other_text, 40.0), dinos[0], masks),
+        "uses_vfm": pass_inputs(spec, base.text, dinos[1], masks),
+        "uses_masks": pass_inputs(spec, base.text, dinos[0], region_ids(3)),
     }
     missing = {
-        "needs_text": PassInputs("sclip", None, base.vfm, base.masks),
-        "uses_vfm": PassInputs("sclip", base.text, None, base.masks),
-        "uses_masks": PassInputs("sclip", base.text, base.vfm, None),
+        "needs_text": pass_inputs(spec, None, dinos[0], masks),
+        "uses_vfm": pass_inputs(spec, base.text, None, masks),
+        "uses_masks": pass_inputs(spec, base.text, dinos[0], None),
     }
     with torch.no_grad():
         ref = head.encode_dense(vit12.tower, IMAGES, base)

@@ -15,12 +15,13 @@ from eval_fixtures import make_dataset, voc_palette
 from ovdense.errors import OvdenseError
 from ovdense.eval.datasets import (
     SegDataset,
+    class_file,
     get_dataset,
     read_class_names,
     read_image,
     read_label,
 )
-from ovdense.eval.specs import CLASS_STYLES, DATASETS
+from ovdense.eval.specs import CLASS_STYLES, CLASSIC, DATASETS
 from ovdense.images import set_max_pixels
 
 VOC_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2011-samples"
@@ -29,18 +30,20 @@ VOC_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2011
 def test_table_order_and_specs():
     assert list(DATASETS) == [
         "voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k",
+        "ade847", "context459",
     ]  # fmt: skip
+    assert list(CLASSIC) == list(DATASETS)[:8]
     n = {k: s.num_classes for k, s in DATASETS.items()}
     assert n == {
         "voc21": 21, "context60": 60, "coco_object": 81, "voc20": 20, "context59": 59, "coco_stuff": 171,
-        "cityscapes": 19, "ade20k": 150,
+        "cityscapes": 19, "ade20k": 150, "ade847": 847, "context459": 459,
     }  # fmt: skip
     assert {k for k, s in DATASETS.items() if s.reduce_zero_label} == {"ade20k", "context59", "voc20"}
     for spec in DATASETS.values():
         assert spec.prepare_hint and "\n" not in spec.prepare_hint
 
 
-@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("name", CLASSIC)  # the 16-bit ADE847 and PC459: tests/test_ten_benchmarks.py
 def test_reads_each_layout(name, tmp_path):
     fx = make_dataset(name, tmp_path, n=3, size=(20, 28), seed=1)
     ds = get_dataset(name, tmp_path)
@@ -324,8 +327,9 @@ def test_empty_split_and_empty_folder(tmp_path):
 def test_class_files_have_one_line_per_class(name, style):
     classes = read_class_names(name, style)
     assert len(classes) == DATASETS[name].num_classes
+    escaped = "\\," in class_file(name, style).read_text()  # a comma inside a name is written \,
     for names in classes:
-        assert names and all(n and n == n.strip() and "," not in n for n in names)
+        assert names and all(n and n == n.strip() and (escaped or "," not in n) for n in names)
 
 
 def test_class_styles_pick_the_right_file():
@@ -349,6 +353,11 @@ def test_class_styles_pick_the_right_file():
     obj = read_class_names("coco_object")
     assert "bed" in obj[0] and ["bed"] in obj
     assert all(len(c) == 1 for c in read_class_names("ade20k"))
+    # CorrCLIPv2: CorrCLIP v1's names, except Cityscapes' one prompt "people, person"
+    assert read_class_names("cityscapes", "corrclipv2")[11] == ["people, person"]
+    assert read_class_names("cityscapes", "corrclip")[11] == ["people"]
+    assert read_class_names("voc21", "corrclipv2") == read_class_names("voc21", "corrclip")
+    assert read_class_names("ade20k", "corrclipv2") == read_class_names("ade20k", "corrclip")
 
 
 def test_unknown_class_style(tmp_path):

@@ -1,4 +1,5 @@
-"""`ovdense eval` end to end: synthetic sets in all 8 layouts, the real VOC samples, torchrun sharding."""
+"""`ovdense eval` end to end: synthetic sets in the classic 8 layouts, the real VOC samples, torchrun sharding (ADE847
+and PC459, and `eval --all` over the ten: tests/test_ten_benchmarks.py)."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from ovdense.cli import main
 from ovdense.eval.datasets import get_dataset
 from ovdense.eval.metrics import IoUAccumulator
 from ovdense.eval.runner import evaluate
-from ovdense.eval.specs import DATASETS
+from ovdense.eval.specs import CLASSIC, DATASETS
 from ovdense.predictor import Segmenter
 from ovdense.presets import get_preset
 
@@ -26,7 +27,7 @@ VOC_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2011
 @pytest.fixture(scope="module")
 def all_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return root, {name: make_dataset(name, root, n=3, size=(48, 64), seed=i) for i, name in enumerate(DATASETS)}
+    return root, {name: make_dataset(name, root, n=3, size=(48, 64), seed=i) for i, name in enumerate(CLASSIC)}
 
 
 def run(argv, capsys):
@@ -52,7 +53,7 @@ def test_evaluate_equals_metric_over_predict(tiny_vit, all_sets):
     assert metrics.miou == pytest.approx(expected.miou) and metrics.aacc == pytest.approx(expected.aacc)
 
 
-@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("name", CLASSIC)
 def test_cli_eval_every_layout(name, all_sets, tmp_path, capsys):
     root, _ = all_sets
     method = {"cityscapes": "clearclip", "ade20k": "naclip", "voc20": "declip"}.get(name, "sclip")
@@ -69,29 +70,29 @@ def test_cli_eval_every_layout(name, all_sets, tmp_path, capsys):
     assert len(wrote) == 1 and all(str(p) in wrote[0] for p in tmp_path.glob(f"{name}_{method}_*"))
 
 
-def test_cli_eval_all_prints_the_paper_row(all_sets, tmp_path, capsys):
+def test_cli_eval_eight_prints_the_paper_row(all_sets, tmp_path, capsys):
     root, _ = all_sets
-    argv = ["eval", "--all", "--data-root", str(root), "--model", "ovdense-test-vit", "--limit", "1"]
+    argv = ["eval", "--eight", "--data-root", str(root), "--model", "ovdense-test-vit", "--limit", "1"]
     code, out, err = run(argv + ["--out", str(tmp_path), "--workers", "0", "--crop", "0"], capsys)
     assert code == 0, err
     header = next(line for line in out.splitlines() if line.startswith("| method |"))
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells == ["method", "VOC21", "C60", "Obj", "VOC20", "C59", "Stuff", "City", "ADE", "Avg"]
+    assert cells == ["method", "VOC21", "C60", "Obj", "VOC20", "C59", "Stuff", "City", "ADE", "Avg8"]
     summary = json.loads((tmp_path / "summary_sclip.json").read_text())
-    assert set(summary) == set(DATASETS) | {"avg"}
-    assert summary["avg"] == pytest.approx(np.mean([summary[n] for n in DATASETS]))
+    assert set(summary) == set(CLASSIC) | {"avg8"}
+    assert summary["avg8"] == pytest.approx(np.mean([summary[n] for n in CLASSIC]))
 
 
-def test_cli_eval_all_with_scclip(all_sets, tmp_path, capsys):
+def test_cli_eval_eight_with_scclip(all_sets, tmp_path, capsys):
     root, _ = all_sets
-    argv = ["eval", "--all", "--data-root", str(root), "--method", "scclip", "--model", "ovdense-test-vit12"]
+    argv = ["eval", "--eight", "--data-root", str(root), "--method", "scclip", "--model", "ovdense-test-vit12"]
     argv += ["--out", str(tmp_path), "--workers", "0", "--limit", "1", "--short-side", "160"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
     row = out.strip().splitlines()[-1]
-    assert row.startswith("| scclip |") and len(row.split("|")) == 2 + len(DATASETS) + 2
+    assert row.startswith("| scclip |") and len(row.split("|")) == 2 + len(CLASSIC) + 2
     summary = json.loads((tmp_path / "summary_scclip.json").read_text())
-    assert set(summary) == set(DATASETS) | {"avg"}
+    assert set(summary) == set(CLASSIC) | {"avg8"}
     voc = json.loads(next(tmp_path.glob("voc21_scclip_*.json")).read_text())["settings"]["preset"]
     assert voc["head"] == "scclip" and voc["short_side"] == 160 and voc["logit_scale"] == 50.0
 

@@ -116,14 +116,14 @@ def test_method_inputs_are_checked_before_any_weights(tmp_path):
     with pytest.raises(ValueError, match="vfm: the sclip head uses no vision foundation model"):
         check_method_inputs("sclip", vfm="dino-b8")
     check_method_inputs("sclip", vfm="dino-b8", any_vfm=True)
-    with pytest.raises(ValueError, match="apply to corrclip, not sclip"):
+    with pytest.raises(ValueError, match="apply to corrclip, corrclipv2, not sclip"):
         check_method_inputs("sclip", mask_generator="sam")
     with pytest.raises(ValueError, match="corrclip needs class-agnostic masks"):
         check_method_inputs("corrclip", masks_required=True)
     check_method_inputs("corrclip")  # in Python the masks may come with set_image
     with pytest.raises(ValueError, match="not both"):
         check_method_inputs("corrclip", masks_dir=tmp_path, mask_generator="sam")
-    with pytest.raises(ValueError, match="unknown generator 'sam3'"):
-        check_method_inputs("corrclip", mask_generator="sam3")
+    with pytest.raises(ValueError, match="unknown generator 'sam9'"):
+        check_method_inputs("corrclip", mask_generator="sam9")
     with pytest.raises(ValueError, match="is not a folder"):
         check_method_inputs("corrclip", masks_dir=tmp_path / "missing")

@@ -13,7 +13,7 @@ from PIL import Image
 from ovdense import OvdenseError, Segmenter
 from ovdense.cli import main
 from ovdense.heads import PassInputs
-from ovdense.heads.corrclip import connected_components, merge_regions, scope_attention
+from ovdense.heads.corrclip import CorrclipHead, connected_components, merge_regions, region_index, scope_attention
 from ovdense.heads.proxyclip import proxy_attention
 from ovdense.heads.vfm_proxies import resize_region_ids, vfm_input
 from ovdense.inference import encode_windows
@@ -224,6 +224,113 @@ def test_corrclip_head_equals_the_steps_written_out(vit12, dino):
         torch.testing.assert_close(dense[i : i + 1], want, atol=5e-5, rtol=0)
 
 
+def test_region_index_is_each_windows_unique():
+    ids = torch.tensor([[[5, 5, -1], [9, 5, 9]], [[10000, 3, 3], [3, 3, 3]], [[7, 7, 7], [7, 7, 7]]])
+    local, values, counts = region_index(ids)
+    assert counts.tolist() == [3, 2, 1] and values.shape == (3, 3)
+    for b in range(3):
+        want_values, want_local = torch.unique(ids[b], return_inverse=True)
+        assert torch.equal(values[b, : counts[b]], want_values)
+        assert torch.equal(local[b], want_local.reshape(-1))
+
+
+def test_connected_components_of_a_batch_are_each_matrix_own():
+    a = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    b = torch.zeros(4, 4, dtype=torch.bool)  # no edges: every node alone
+    chain = torch.diag(torch.ones(3, dtype=torch.bool), 1)
+    chain = chain | chain.T  # 0-1-2-3: needs more than one squaring
+    got = connected_components(torch.stack([a, b, chain]))
+    assert got.tolist() == [[0, 1, 1, 0], [0, 1, 2, 3], [0, 0, 0, 0]]
+
+
+def test_merge_and_scope_of_a_batch_equal_each_window_alone():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (4, 6, 6), generator=g)
+    ids[1] = ids[1] % 2  # two values: never merged
+    ids[2, :, 3:] = 10000  # padding ids, as padded windows carry
+    ids[3] = ids[3] - 1  # -1 as the unsegmented id (EoMT's masks)
+    centres = F.normalize(torch.randn(7, 5, generator=g), dim=1)
+    feats = F.normalize(centres[(ids.reshape(4, -1) + 1) % 7] + 0.3 * torch.randn(4, 36, 5, generator=g), dim=-1)
+    merged = merge_regions(ids, feats, eps=0.5)
+    similarity = feats @ feats.transpose(1, 2)
+    weights = scope_attention(similarity, merged.reshape(4, -1))
+    assert torch.equal(merged[1], ids[1]) and not torch.equal(merged[0], ids[0])
+    for b in range(4):
+        alone = merge_regions(ids[b], feats[b], eps=0.5)
+        assert torch.equal(merged[b], alone)
+        torch.testing.assert_close(weights[b], scope_attention(similarity[b], alone.reshape(-1)), atol=1e-7, rtol=0)
+
+
+class _FixedFeatures(CorrclipHead):
+    """A head that takes its correlation features from outside, on twice the CLIP grid (CorrCLIPv2's shape)."""
+
+    uses_vfm = False
+
+    def __init__(self, feats, merges):
+        super().__init__()
+        self.feats, self.merges_regions = feats, merges
+
+    def correlation_features(self, tower, x, context):
+        return self.feats, (2 * context.grid[0], 2 * context.grid[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("merges", [True, False])
+def test_subclass_chooses_the_correlation_features_and_the_merging(vit12, merges):
+    ids = torch.zeros(2, 112, 112, dtype=torch.long)  # 0, the smallest id, on the last 8 columns
+    ids[:, :56, :56], ids[:, 56:, :56], ids[:, :, 56:104] = 1, 2, 3
+    feats = torch.zeros(2, 14, 14, 3)
+    feats[:, :, :7, 0] = 1.0  # regions 1 and 2 alike: merged when merging
+    feats[:, :, 7:, 1] = 1.0
+    feats[:, :, 13:, 2] = 1.0
+    feats[1, :7] += 0.1  # the second window differs
+    noise = 0.01 * torch.randn(2, 14, 14, 3, generator=torch.Generator().manual_seed(0))
+    feats = F.normalize(feats + noise, dim=-1).reshape(2, 196, 3)
+    head = _FixedFeatures(feats, merges)
+    dense, context = head.run(vit12.tower, WIN, PassInputs(masks=ids), record_attention=True)
+    assert dense.shape == (2, 32, 14, 14) and context.out_grid == (14, 14)
+    ids_f = resize_region_ids(ids, (14, 14))
+    for b in range(2):
+        used = merge_regions(ids_f[b], feats[b]) if merges else ids_f[b]
+        assert len(torch.unique(used)) == (3 if merges else 4)
+        want = scope_attention(feats[b] @ feats[b].T, used.reshape(-1))
+        torch.testing.assert_close(context.head_attention[b], want, atol=1e-7, rtol=0)
+
+
+@torch.no_grad()
+def test_corrclip_batch_of_windows_equals_each_window_alone(vit12, dino):
+    ids = torch.zeros(4, 112, 112, dtype=torch.long)
+    ids[0, 20:70, 10:60], ids[0, 60:, 50:], ids[0, :15] = 4, 9, 12
+    ids[1, :, 56:] = 3  # two values
+    g = torch.Generator().manual_seed(5)
+    ids[2] = torch.randint(0, 6, (7, 7), generator=g).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    ids[3, :8], ids[3, :, :8] = 10000, 10000  # a padded window's border
+    images = torch.cat([WIN, torch.randn(2, 3, 112, 112, generator=g)])
+    head = create_head("corrclip")
+    dense, context = head.run(vit12.tower, images, PassInputs("sclip", vfm=dino, masks=ids), record_attention=True)
+    for b in range(4):
+        alone, ctx = head.run(vit12.tower, images[b : b + 1], PassInputs("sclip", vfm=dino, masks=ids[b : b + 1]),
+                              record_attention=True)  # fmt: skip
+        torch.testing.assert_close(dense[b : b + 1], alone, atol=1e-5, rtol=0)
+        assert torch.equal(context.head_attention[b : b + 1], ctx.head_attention)
+
+
+def test_corrclip_window_batch_changes_no_label_nor_feature(vit12, dino):
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 255, (100, 300, 3), dtype=np.uint8)  # 112 x 336: 5 windows, batches of 4 and 1
+    regions = np.repeat(np.repeat(rng.integers(0, 6, (10, 30)), 10, axis=0), 10, axis=1)
+    preset = get_preset("corrclip", short_side=112, crop=112, stride=56)
+    labels, features = [], []
+    for batch in (1, 4):
+        seg = Segmenter(vit12, preset, torch.device("cpu"), window_batch=batch, vfm=dino)
+        seg.set_image(image, masks=regions)
+        labels.append(seg.predict("sky, wall; person; tree; car").labels)
+        features.append(seg.dense_features())
+    assert len(seg._features[None].windows) == 5
+    np.testing.assert_array_equal(labels[0], labels[1])
+    torch.testing.assert_close(features[0], features[1], atol=1e-5, rtol=0)
+
+
 def test_nearest_is_the_legacy_floor_rule():
     ids = torch.arange(12).view(1, 3, 4)
     out = resize_region_ids(ids, (6, 2))
@@ -351,11 +458,11 @@ def test_eval_mask_of_the_wrong_size_is_one_line(tmp_path, capsys):
 def _masks_for(root, data_root):
     """CorrCLIP's region_masks layout for every image of the synthetic benchmarks under ``data_root``."""
     from ovdense.eval.datasets import get_dataset
-    from ovdense.eval.specs import DATASETS
+    from ovdense.eval.specs import CLASSIC
     from ovdense.masks import MASK_SUBDIRS
 
     rng = np.random.default_rng(0)
-    for name in DATASETS:
+    for name in CLASSIC:
         folder = root / MASK_SUBDIRS[name]
         folder.mkdir(parents=True, exist_ok=True)
         for img, _ in get_dataset(name, data_root).samples:
@@ -365,20 +472,20 @@ def _masks_for(root, data_root):
 
 def test_cli_eval_all_corrclip_prints_the_paper_row(tmp_path, capsys):
     from eval_fixtures import make_dataset
-    from ovdense.eval.specs import DATASETS
+    from ovdense.eval.specs import CLASSIC
 
     data = tmp_path / "data"
-    for i, name in enumerate(DATASETS):
+    for i, name in enumerate(CLASSIC):
         make_dataset(name, data, n=1, size=(48, 64), seed=i)
     _masks_for(tmp_path / "region_masks", data)
-    argv = ["eval", "--all", "--data-root", str(data), "--method", "corrclip", "--model", "ovdense-test-vit12"]
+    argv = ["eval", "--eight", "--data-root", str(data), "--method", "corrclip", "--model", "ovdense-test-vit12"]
     argv += ["--vfm", "test-dino", "--masks-dir", str(tmp_path / "region_masks"), "--out", str(tmp_path / "r")]
     argv += ["--workers", "0", "--short-side", "112", "--crop", "112", "--stride", "56"]
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     row = out.strip().splitlines()[-1]
-    assert row.startswith("| corrclip |") and len(row.split("|")) == 2 + len(DATASETS) + 2
+    assert row.startswith("| corrclip |") and len(row.split("|")) == 2 + len(CLASSIC) + 2
     voc = json.loads(next((tmp_path / "r").glob("voc21_corrclip_*.json")).read_text())["settings"]["preset"]
     assert voc["class_style"] == "corrclip" and voc["pad_multiple"] == 56 and voc["vfm"] == "dino-b8"
 

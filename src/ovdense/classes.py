@@ -8,13 +8,21 @@ any model loads.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InvalidArgumentError
 
-__all__ = ["display_names", "normalise_classes", "parse_class_string", "read_class_file", "validate_classes"]
+__all__ = [
+    "display_names",
+    "normalise_classes",
+    "parse_class_string",
+    "read_class_file",
+    "split_names",
+    "validate_classes",
+]
 
 
 def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[list[str]]:
@@ -64,11 +72,18 @@ def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[
     return out
 
 
+def split_names(text: str) -> list[str]:
+    """A class's names: ``text`` split at commas, except escaped ones (``\\,`` stays a comma inside the name)."""
+    return [name.replace("\\,", ",") for name in re.split(r"(?<!\\),", text)]
+
+
 def parse_class_string(text: str) -> list[list[str]]:
     """Parse a class string: ``"sky; person, person in shirt; tree"`` gives
     ``[["sky"], ["person", "person in shirt"], ["tree"]]``.
 
-    ``;`` separates classes and ``,`` separates the names (synonyms) of one class; whitespace is stripped.
+    ``;`` separates classes and ``,`` separates the names (synonyms) of one class; whitespace is stripped. A
+    comma inside one name is written ``\\,`` (the authors' ADE-847 and Cityscapes prompts ``"building, edifice"``,
+    ``"people, person"`` are single prompts).
 
     Raises:
         ValueError: empty list, an empty class or name, or a name that appears twice.
@@ -81,12 +96,13 @@ def parse_class_string(text: str) -> list[list[str]]:
     for ci, chunk in enumerate(text.split(";")):
         if not chunk.strip():
             raise ValueError(f"class {ci} is empty in {text!r} (stray ';'?)")
-        classes.append(chunk.split(","))
+        classes.append(split_names(chunk))
     return validate_classes(classes)
 
 
 def read_class_file(path: str | os.PathLike) -> list[list[str]]:
-    """Read a class file: one class per line, a class's names separated by commas; blank lines ignored.
+    """Read a class file: one class per line, a class's names separated by commas (``\\,`` is a comma inside a
+    name); blank lines ignored.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -107,7 +123,7 @@ def read_class_file(path: str | os.PathLike) -> list[list[str]]:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the class file has no classes")
-    return validate_classes([line.split(",") for line in lines], where=str(path))
+    return validate_classes([split_names(line) for line in lines], where=str(path))
 
 
 def normalise_classes(classes) -> list[list[str]]:
@@ -126,7 +142,7 @@ def normalise_classes(classes) -> list[list[str]]:
             raise ValueError("the class list is empty")
         if not isinstance(classes, Sequence):
             raise ValueError(f"expected a class string or a list of classes, got {type(classes).__name__}")
-        items = [c.split(",") if isinstance(c, str) else c for c in classes]
+        items = [split_names(c) if isinstance(c, str) else c for c in classes]
         return validate_classes(items)
     except ValueError as err:
         raise InvalidArgumentError(f"classes: {err}") from None

@@ -13,7 +13,7 @@ The work is split in two so that an image can be encoded once and segmented with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -177,6 +177,20 @@ class WindowFeatures:
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
+def pad_maps(maps: torch.Tensor, padding: tuple[int, int, int, int], values: float | Sequence[float | None]):
+    """Pad B x K x h x w maps by ``padding`` (left, right, top, bottom): map k with ``values[k]``, or by repeating
+    its edge where that is None; one number pads every map with it."""
+    if not isinstance(values, Sequence):
+        return F.pad(maps, padding, value=values)
+    if len(values) != maps.shape[1]:
+        raise ValueError(f"{len(values)} padding values for {maps.shape[1]} maps")
+    parts = []
+    for k, value in enumerate(values):
+        one = maps[:, k : k + 1]
+        parts.append(F.pad(one, padding, mode="replicate") if value is None else F.pad(one, padding, value=value))
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def encode_windows(
     image: torch.Tensor,
@@ -187,7 +201,7 @@ def encode_windows(
     pad_to_patch: int = 0,
     progress: Callable[[int, int], None] | None = None,
     extra: torch.Tensor | None = None,
-    extra_pad: float = 0.0,
+    extra_pad: float | Sequence[float | None] = 0.0,
 ) -> WindowFeatures:
     """Run the image tower over every sliding window, ``window_batch`` windows per call.
 
@@ -200,6 +214,8 @@ def encode_windows(
         pad_to_patch: if > 0, zero-pad each window (centred) to a multiple of this patch size first.
         progress: called as ``progress(windows_done, windows_total)`` after each batch.
         extra: 1 x K x H x W maps cut into the same windows (region ids of CorrCLIP), padded with ``extra_pad``.
+        extra_pad: the padding value of every extra map, or one per map, where None repeats the window's edge
+            (replicate padding: CorrCLIPv2's pixel coordinates).
 
     Returns:
         :class:`WindowFeatures` holding num_windows x D x h' x w' features.
@@ -227,7 +243,7 @@ def encode_windows(
         else:
             extra_batch = torch.cat([extra[:, :, a:b, c:d] for a, b, c, d in chunk])
             if any(padding):
-                extra_batch = F.pad(extra_batch, padding, value=extra_pad)
+                extra_batch = pad_maps(extra_batch, padding, extra_pad)
             feats = encode_dense(batch, extra_batch)
         if feats.ndim != 4 or feats.shape[0] != batch.shape[0]:
             raise ValueError(

@@ -37,6 +37,8 @@ MASK_SUBDIRS = {
     "coco_stuff": "coco",
     "cityscapes": "city",
     "ade20k": "ade",
+    "ade847": "ade847",  # CorrCLIPv2's instance_mask/ade847
+    "context459": "context",  # PC-459 reuses the PASCAL-Context masks (same images)
 }
 
 

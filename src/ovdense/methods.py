@@ -25,6 +25,10 @@ arguments must be literals: strings, numbers, dicts, tuples), so ``ovdense --hel
 errors answer without importing torch; a head's module is imported when the head is built
 (:func:`head_class`). A head registered at run time (a plug-in, a test's toy head) joins the same registry when
 its module executes the decorator.
+
+A method that is not a CLIP dense head runs a model of its own (SAM 3, ``ovdense/sam3.py``): its registered class
+sets ``own_model = True``, holds the options and says how to load the model and build the segmenter
+(:attr:`MethodSpec.own_model`); the files of :data:`OWN_MODEL_MODULES` are read like ``heads/``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ __all__ = [
 ]
 
 HEADS_DIR = Path(__file__).parent / "heads"
+#: Modules of ``ovdense/`` registering methods that run a model of their own instead of a CLIP dense head.
+OWN_MODEL_MODULES = ("sam3",)
 _PACKAGE = __name__.rsplit(".", 1)[0]
 
 
@@ -176,8 +182,11 @@ class MethodSpec:
         model, pretrained: the CLIP weights the method's authors default to (None: OpenAI's ViT-B/16).
         vfm: the vision foundation model its head uses by default (None: it uses none or the caller names one).
         options: the head's options by name.
-        needs_text, uses_vfm, uses_masks: what the head's pass needs (its class attributes, see
+        needs_text, uses_vfm, uses_masks, native_vfm: what the head's pass needs (its class attributes, see
             :class:`ovdense.heads.base.DenseHead`).
+        own_model: not a CLIP dense head: the method runs its own model (SAM 3); :class:`ovdense.Segmenter` does
+            not build it, its registered class does (``check(preset)``, ``load(preset, device)``,
+            ``segmenter(loaded, preset, precision)``; see :mod:`ovdense.cli.common`).
         order: the method's place in listings (``list-methods``, ``--help``), then by name; plug-ins without one
             come after the built-in methods.
     """
@@ -196,6 +205,8 @@ class MethodSpec:
     needs_text: bool = False
     uses_vfm: bool = False
     uses_masks: bool = False
+    native_vfm: bool = False
+    own_model: bool = False
     order: int = 1000
 
     def dataset_settings(self, dataset: str) -> dict:
@@ -231,7 +242,7 @@ _REGISTRATION_KEYS = {
 
 
 #: The head's class attributes a registration records (what its pass needs).
-NEEDS = ("needs_text", "uses_vfm", "uses_masks")
+NEEDS = ("needs_text", "uses_vfm", "uses_masks", "native_vfm", "own_model")
 
 
 def _spec(name, head: str, options: dict, needs: dict, where: str, **kwargs) -> MethodSpec:
@@ -350,12 +361,15 @@ _CLASSES: dict[str, type] = {}
 
 
 def builtin_methods() -> dict[str, MethodSpec]:
-    """The methods of ``ovdense/heads/*.py``, read from their source once per process."""
+    """The methods of ``ovdense/heads/*.py`` and :data:`OWN_MODEL_MODULES`, read from their source once per
+    process."""
     global _BUILTIN
     if _BUILTIN is None:
         found: dict[str, MethodSpec] = {}
-        for path in sorted(HEADS_DIR.glob("*.py")):
-            for spec in read_registrations(path, f"{_PACKAGE}.heads.{path.stem}"):
+        files = [(path, f"{_PACKAGE}.heads.{path.stem}") for path in sorted(HEADS_DIR.glob("*.py"))]
+        files += [(HEADS_DIR.parent / f"{stem}.py", f"{_PACKAGE}.{stem}") for stem in OWN_MODEL_MODULES]
+        for path, module in files:
+            for spec in read_registrations(path, module):
                 if spec.name in found:
                     raise ValueError(f"method {spec.name!r} is registered twice ({found[spec.name].head}, {spec.head})")
                 found[spec.name] = spec
@@ -482,6 +496,12 @@ def create_head(name: str, **options):
     """
     if name not in methods():
         raise ValueError(f"unknown head {name!r}; available: {', '.join(methods())}")
+    spec = methods()[name]
+    if spec.own_model:
+        raise ValueError(
+            f"{name} is not a CLIP dense head but a model of its own: see {spec.head.split(':')[0]} "
+            f"(ovdense segment/eval --method {name})"
+        )
     return head_class(name)(**check_options(name, options))
 
 

@@ -145,6 +145,39 @@ class SegmentationResult:
         return class_areas(self.labels, self.display_names)
 
 
+#: The auxiliary CLIP of the authors' banks (their ``hf-hub:apple/DFN2B-CLIP-ViT-B-16``, the same weights).
+AUX_MODEL, AUX_PRETRAINED = "ViT-B-16-quickgelu", "dfn2b"
+
+
+def clip_width(loaded: LoadedModel) -> int:
+    """D, the width of a CLIP's image and text embeddings."""
+    visual = loaded.model.visual
+    width = getattr(visual, "output_dim", None)
+    if width is None:
+        width = loaded.model.text_projection.shape[-1]
+    return int(width)
+
+
+def open_bank_support(bank, bank_name, bank_store, aux_model, aux_pretrained, aux_checkpoint, loaded, vfm,
+                      num_support: int = 20, device=None):  # fmt: skip
+    """CorrCLIPv2's :class:`~ovdense.bank.retrieval.BankSupport` of a bank folder, checked against the main CLIP,
+    the VFM and the auxiliary CLIP (which it loads) before any image (one-line errors)."""
+    from .bank.retrieval import AUTHORS_AUX_STORE, BankSupport
+
+    aux_loaded = aux_store = None
+    if aux_model != "none":
+        aux_store = AUTHORS_AUX_STORE
+        choice = resolve_weights(aux_model, aux_pretrained, aux_checkpoint, AUX_MODEL, AUX_PRETRAINED)
+        aux_loaded = load_model(choice.model, pretrained=choice.pretrained, checkpoint=choice.checkpoint, device=device)
+    support = BankSupport.open(
+        bank, bank_name, main_store=bank_store, aux_store=aux_store, aux_model=aux_loaded, num_support=num_support,
+        main_width=clip_width(loaded),
+    )  # fmt: skip
+    support.check(key_dim=vfm.dim, main_dim=clip_width(loaded),
+                  aux_dim=None if aux_loaded is None else clip_width(aux_loaded))  # fmt: skip
+    return support
+
+
 class Segmenter:
     """Open-vocabulary semantic segmentation with a training-free dense head.
 
@@ -169,6 +202,7 @@ class Segmenter:
         masks_dir: str | Path | None = None,
         mask_generator=None,
         weights: WeightsChoice | None = None,
+        support=None,
     ):
         """Low-level: :meth:`from_pretrained` and :meth:`from_model` resolve these from names and check them.
 
@@ -184,6 +218,8 @@ class Segmenter:
             mask_generator: for the same methods: a callable ``image (H x W x 3 uint8) -> H x W region ids``
                 (e.g. :class:`ovdense.mask_generators.SamMaskGenerator`), used when no masks are given.
             weights: how the CLIP's weights were chosen (recorded in :attr:`settings`).
+            support: for CorrCLIPv2: a :class:`ovdense.bank.retrieval.BankSupport` (the memory bank it retrieves
+                from); None runs the method without a bank.
         """
         check_precision(precision, device)
         ranges.check("window_batch", window_batch, POSITIVE_INT)
@@ -199,7 +235,10 @@ class Segmenter:
             head.taps(loaded.tower)  # a head that reads given blocks says here if the tower lacks them
         except ValueError as err:
             raise InvalidArgumentError(f"{method}: {err}") from None
+        if support is not None and not spec.native_vfm:
+            raise InvalidArgumentError(f"bank: the {method} head retrieves nothing (a memory bank is CorrCLIPv2's)")
         self.vfm = vfm
+        self.support = support
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.mask_generator = mask_generator
         self.loaded = loaded
@@ -225,6 +264,11 @@ class Segmenter:
         self._regions: np.ndarray | None = None  # H x W region ids at the image's size (CorrCLIP)
         self._attention: dict[tuple, object] = {}  # AttentionPass per (text classifier id, VFM id)
         self._dense: dict[int | None, torch.Tensor] = {}  # dense_features() at its own size, per text (as _features)
+        self._vfm_map = None  # the image's VfmImageMap (heads with native_vfm)
+        self._input_ids: torch.Tensor | None = None  # 1 x H x W region ids at the network input's size
+        self._neighbours: tuple[torch.Tensor, torch.Tensor] | None = None  # (pixel -> region index, R x K bank ids)
+        self._support: dict[int, torch.Tensor] = {}  # 1 x N x H x W support cosines per text classifier
+        self._aux_text: dict[int, torch.Tensor] = {}  # the auxiliary CLIP's name embeddings per text classifier
 
     @classmethod
     def from_pretrained(
@@ -243,6 +287,13 @@ class Segmenter:
         masks_dir: str | Path | None = None,
         mask_generator=None,
         mask_model: str | None = None,
+        trust_remote_code: bool = False,
+        bank=None,
+        bank_name: str | None = None,
+        bank_store: str | None = None,
+        aux_model: str | None = None,
+        aux_pretrained: str | None = None,
+        aux_checkpoint: str | Path | None = None,
         **options,
     ) -> Segmenter:
         """Load weights and a method preset.
@@ -270,6 +321,16 @@ class Segmenter:
                 generator: a name (``sam``, ``sam2``: transformers' automatic masks, extra ``[masks]``) or a
                 callable (see :class:`Segmenter`).
             mask_model: the hub id or folder of a named ``mask_generator`` (default its own).
+            trust_remote_code: run a VFM whose code lives in its hub repository (C-RADIO for ``corrclipv2``);
+                off unless asked for.
+            bank: CorrCLIPv2's memory bank: a ``memory_bank/`` folder (the authors' layout) or a
+                :class:`ovdense.bank.retrieval.BankSupport`; None runs ``corrclipv2`` without one.
+            bank_name: which bank of a folder holding several.
+            bank_store: the value store of the main CLIP (default: the only one of its width, else the authors'
+                ``metaclip_b`` / ``metaclip_l``).
+            aux_model, aux_pretrained, aux_checkpoint: the auxiliary CLIP of the bank's ``dfnclip_b`` store
+                (default the authors' DFN2B-CLIP ViT-B/16: ``ViT-B-16-quickgelu`` + ``dfn2b``); ``aux_model="none"``
+                uses the main store alone.
             options: the method's options (``mode="qq"`` for ``declip``) and any
                 :class:`ovdense.presets.Preset` setting (``crop=448``, ``prob_thd=0.3``...).
 
@@ -285,7 +346,9 @@ class Segmenter:
         return cls.from_model(
             loaded, method, dataset, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
             vfm=vfm, vfm_checkpoint=vfm_checkpoint, masks_dir=masks_dir, mask_generator=mask_generator,
-            mask_model=mask_model, weights=weights, **options,
+            mask_model=mask_model, weights=weights, trust_remote_code=trust_remote_code, bank=bank,
+            bank_name=bank_name, bank_store=bank_store, aux_model=aux_model, aux_pretrained=aux_pretrained,
+            aux_checkpoint=aux_checkpoint, **options,
         )  # fmt: skip
 
     @classmethod
@@ -305,6 +368,13 @@ class Segmenter:
         mask_model: str | None = None,
         templates=OPENAI_TEMPLATES,
         weights: WeightsChoice | None = None,
+        trust_remote_code: bool = False,
+        bank=None,
+        bank_name: str | None = None,
+        bank_store: str | None = None,
+        aux_model: str | None = None,
+        aux_pretrained: str | None = None,
+        aux_checkpoint: str | Path | None = None,
         **options,
     ) -> Segmenter:
         """A segmenter on a CLIP already loaded (one CLIP for several methods, as the demo and the trainer's
@@ -321,10 +391,25 @@ class Segmenter:
         """
         preset = check_arguments(method, dataset, vfm, vfm_checkpoint, masks_dir, mask_generator, mask_model, options)
         device = next(loaded.model.parameters()).device
-        if get_method(method).uses_vfm and (vfm is None or isinstance(vfm, (str, Path))):
-            from .vfm import load_vfm
+        spec = get_method(method)
+        if bank is not None and not spec.native_vfm:
+            raise InvalidArgumentError(f"bank: the {method} head retrieves nothing (a memory bank is CorrCLIPv2's)")
+        if spec.uses_vfm and (vfm is None or isinstance(vfm, (str, Path))):
+            if spec.native_vfm:
+                from .vfm_native import load_dense_vfm
 
-            vfm = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+                vfm = load_dense_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device,
+                                     trust_remote_code=trust_remote_code)  # fmt: skip
+            else:
+                from .vfm import load_vfm
+
+                vfm = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+        support = bank
+        if isinstance(bank, (str, Path)):
+            support = open_bank_support(
+                bank, bank_name, bank_store, aux_model, aux_pretrained, aux_checkpoint, loaded, vfm,
+                num_support=int(preset.head_kwargs.get("num_support", 20)), device=device,
+            )  # fmt: skip
         if isinstance(mask_generator, str):
             from .mask_generators import mask_generator as named_generator
 
@@ -332,7 +417,7 @@ class Segmenter:
             mask_generator = named_generator(mask_generator, device=device, **kwargs)
         return cls(
             loaded, preset, device, precision, window_batch, text_cache_dir, templates, vfm=vfm,
-            masks_dir=masks_dir, mask_generator=mask_generator, weights=weights,
+            masks_dir=masks_dir, mask_generator=mask_generator, weights=weights, support=support,
         )  # fmt: skip
 
     @property
@@ -349,6 +434,7 @@ class Segmenter:
             "activation": self.loaded.activation,
             "chosen": self.weights.chosen,
             "vfm": None if self.vfm is None else self.vfm.name,
+            "bank": None if self.support is None else self.support.settings,
             "masks_dir": None if self.masks_dir is None else str(self.masks_dir),
             "mask_generator": None if generator is None else getattr(generator, "name", type(generator).__name__),
             "device": str(self.device),
@@ -361,8 +447,13 @@ class Segmenter:
     def _autocast(self):
         return autocast(self.precision, self.device)
 
-    def _encode(self, images: torch.Tensor, text: TextQuery | None = None, masks=None) -> torch.Tensor:
-        inputs = PassInputs(self.preset.pos_rule, text=text, vfm=self.vfm, masks=masks)
+    def _encode(self, images: torch.Tensor, text: TextQuery | None = None, masks=None, coords=None) -> torch.Tensor:
+        if self.head.native_vfm:
+            inputs = PassInputs(
+                self.preset.pos_rule, text=text, masks=masks, vfm_map=self._vfm_map, pixel_coords=coords
+            )
+        else:
+            inputs = PassInputs(self.preset.pos_rule, text=text, vfm=self.vfm, masks=masks)
         with self._autocast():
             return self.head.encode_dense(self.loaded.tower, images, inputs)
 
@@ -400,6 +491,18 @@ class Segmenter:
         self._region_maps = {}
         self._attention = {}
         self._dense = {}
+        self._input_ids = None
+        if regions is not None:
+            # The region ids follow the image: nearest to the network input (CorrCLIP's rule).
+            self._input_ids = resize_region_ids(torch.from_numpy(regions).to(self.device)[None], tuple(x.shape[-2:]))
+        self._vfm_map, self._neighbours, self._support = None, None, {}
+        if self.head.native_vfm:
+            from .vfm_map import VfmImageMap
+
+            # Once per image on the decoded image at its own size (the authors re-read the file without EXIF
+            # rotation; ours is the image as decoded, EXIF applied, the same for every usual benchmark image).
+            grid, _ = self.vfm.dense(img)
+            self._vfm_map = VfmImageMap(grid.to(self.device), tuple(x.shape[-2:]))
 
     @property
     def image(self) -> np.ndarray | None:
@@ -424,17 +527,26 @@ class Segmenter:
             p = self.preset
             pad = p.pad_multiple or (self.loaded.tower.patch_size if p.pad_to_patch else 0)
             query = TextQuery(text.embeddings.to(self.device), p.logit_scale) if self.head.needs_text else None
-            extra = None
-            if self._regions is not None:
-                # The region ids follow the image: nearest to the network input, cropped and padded (CorrCLIP
-                # pads them with its merged-region offset, 10000) like each window.
-                ids = torch.from_numpy(self._regions).to(self.device)[None]
-                extra = resize_region_ids(ids, tuple(self._input.shape[-2:]))[:, None].float()
+            extra, extra_pad = None, float(MERGED_REGION_ID)
+            if self._input_ids is not None:
+                # Cropped and padded like each window (CorrCLIP pads them with its merged-region offset, 10000).
+                extra = self._input_ids[:, None].float()
+            if self._vfm_map is not None:
+                # CorrCLIPv2 reads its VFM map at each window pixel's place; padding repeats the edge pixel.
+                height, width = self._input.shape[-2:]
+                rows = torch.arange(height, device=self.device, dtype=torch.float32)[:, None].expand(height, width)
+                cols = torch.arange(width, device=self.device, dtype=torch.float32)[None, :].expand(height, width)
+                extra = torch.cat([extra, torch.stack([rows, cols])[None]], dim=1)
+                extra_pad = (float(MERGED_REGION_ID), None, None)
+
+            def encode(x, maps=None):
+                ids = None if maps is None else maps[:, 0].long()
+                coords = None if maps is None or maps.shape[1] < 3 else maps[:, 1:].long()
+                return self._encode(x, query, ids, coords)
+
             self._features[key] = encode_windows(
-                self._input,
-                lambda x, ids=None: self._encode(x, query, None if ids is None else ids[:, 0].long()),
-                p.crop, p.stride, self.window_batch, pad, extra=extra, extra_pad=float(MERGED_REGION_ID),
-            )  # fmt: skip
+                self._input, encode, p.crop, p.stride, self.window_batch, pad, extra=extra, extra_pad=extra_pad
+            )
         return self._features[key]
 
     def text_classifier(self, classes, templates=None) -> TextClassifier:
@@ -480,7 +592,15 @@ class Segmenter:
         text = self.text_classifier(classes)
         p = self.preset
         h0, w0 = self._image.shape[:2]
-        cosine = assemble_cosine_maps(self._window_features(text), text.embeddings.to(self.device), (h0, w0))
+        if self.support is None:
+            cosine = assemble_cosine_maps(self._window_features(text), text.embeddings.to(self.device), (h0, w0))
+        else:
+            # CorrCLIPv2's fusion, at the network input's size before the one resize to the original size.
+            size = tuple(self._input.shape[-2:])
+            own = assemble_cosine_maps(self._window_features(text), text.embeddings.to(self.device), size)
+            weight = self.head.support_weight
+            fused = own * (1 - weight) + self._support_cosines(text) * weight
+            cosine = torch.nn.functional.interpolate(fused, size=(h0, w0), mode="bilinear", align_corners=False)
         if p.pamr:
             guide = torch.nn.functional.interpolate(self._input, size=(h0, w0), mode="bilinear", align_corners=False)
             cosine = pamr(guide, cosine, iterations=p.pamr_iterations, dilations=p.pamr_dilations)
@@ -498,6 +618,34 @@ class Segmenter:
             settings=p.to_dict(),
             background=0 if p.prob_thd > 0 else None,
         )
+
+    # -- memory bank (CorrCLIPv2) ------------------------------------------------------------------
+    def _support_cosines(self, text: TextClassifier) -> torch.Tensor:
+        """1 x N x H x W: each pixel of the network input takes its region's support cosines (every region, the
+        unsegmented one too, retrieves; one batched search per image)."""
+        if id(text) not in self._support:
+            if self._neighbours is None:
+                index = torch.unique(self._input_ids[0], return_inverse=True)[1]
+                _, means = self._vfm_map.region_means(self._input_ids[0])
+                queries = torch.nn.functional.normalize(means, dim=-1)
+                self._neighbours = (index, self.support.neighbours(queries))
+            index, ids = self._neighbours
+            aux = None
+            if self.support.aux_store is not None:
+                aux = self.auxiliary_text(text)
+            logits = self.support.region_logits(ids, text.embeddings, aux).to(self.device)  # R x N
+            self._support[id(text)] = logits.T[:, index][None]
+        return self._support[id(text)]
+
+    def auxiliary_text(self, text: TextClassifier) -> torch.Tensor:
+        """N x D' name embeddings of ``text``'s classes by the bank's auxiliary CLIP (same names and templates)."""
+        if id(text) not in self._aux_text:
+            aux = self.support.aux_model
+            self._aux_text[id(text)] = classifier_of(
+                aux.model, aux.tokenizer, text.class_names, templates=self.templates, cache_dir=self.text_cache_dir,
+                device=self.device,
+            ).embeddings  # fmt: skip
+        return self._aux_text[id(text)]
 
     # -- dense features and attention ---------------------------------------------------------------
     def _text_query(self, classes, what: str) -> tuple[TextClassifier | None, TextQuery | None]:
@@ -582,6 +730,10 @@ class Segmenter:
 
         if self._image is None:
             raise OvdenseError("call set_image() before attention_maps()")
+        if self.head.native_vfm:
+            raise InvalidArgumentError(
+                f"attention maps of {self.preset.method} are not drawn yet (its VFM runs once per image, not per pass)"
+            )
         tower = self.loaded.tower
         layers = tuple(range(1, tower.num_blocks + 1)) if layers is None else tuple(layers)
         bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= tower.num_blocks]

@@ -4,6 +4,11 @@ Each method declares its settings in its registration beside its head (:mod:`ovd
 authors' configs, see ``docs/design.md`` "Presets"); :func:`get_preset` resolves them: the method's defaults,
 then its settings for the benchmark, then the caller's overrides. A method's defaults apply to every benchmark
 it lists no settings for and to a user's own images.
+
+ADE-847 and PC-459: only CorrCLIPv2's authors published settings for them (its registration lists ``ade847``;
+PC-459 takes its defaults, as the authors' ``cfg_context459.py``). For a method that lists none of its own, the
+settings are ours (:data:`DERIVED_SETTINGS`): its ADE20K settings for ADE-847 and its Context59 settings for
+PC-459 (same images, no background class), with ``prob_thd`` 0.
 """
 
 from __future__ import annotations
@@ -23,6 +28,18 @@ POS_RULES = ("sclip", "size")
 
 #: The benchmarks a method may have settings for (:mod:`ovdense.eval.specs`), in the papers' column order.
 DATASETS = tuple(BENCHMARKS)
+
+#: Ours, not the authors': a method without settings of its own for the key benchmark uses those of the value
+#: benchmark, with ``prob_thd`` 0 (neither has a background class). ADE-847 has ADE20K's images at another
+#: vocabulary; PC-459 has Context59's images.
+DERIVED_SETTINGS = {"ade847": "ade20k", "context459": "context59"}
+
+
+def _benchmark_settings(spec: methods.MethodSpec, dataset: str) -> dict:
+    """A method's settings for one benchmark: its own, else (:data:`DERIVED_SETTINGS`) those of the sibling."""
+    if dataset in DERIVED_SETTINGS and dataset not in spec.datasets_with_settings:
+        return {**spec.dataset_settings(DERIVED_SETTINGS[dataset]), "prob_thd": 0.0}
+    return dict(spec.dataset_settings(dataset))
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,7 @@ def get_preset(method: str, dataset: str | None = None, **overrides) -> Preset:
     values = dict(spec.defaults)
     head_kwargs = dict(values.pop("head_kwargs", {}))
     if dataset is not None:
-        per_dataset = dict(spec.dataset_settings(dataset))
+        per_dataset = _benchmark_settings(spec, dataset)
         head_kwargs.update(per_dataset.pop("head_kwargs", {}))
         values.update(per_dataset)
     head_kwargs.update(overrides.pop("head_kwargs", None) or {})

@@ -40,10 +40,12 @@ __all__ = [
     "TEST_VFM_MODELS",
     "VFM_MODELS",
     "Vfm",
+    "check_timm_weights_available",
     "load_vfm",
     "ovdense_test_dino",
     "ovdense_test_dinov2",
     "resize_pos_table",
+    "vfm_state_dict",
 ]
 
 #: VFM names -> timm model. DeCLIP's ``dinov2-B`` is torch hub's ``dinov2_vitb14_reg``, the ViT-B/14 *with
@@ -434,7 +436,7 @@ def _resolve_vfm_name(name: str) -> tuple[str, bool]:
     )
 
 
-def _check_timm_weights_available(name: str, timm_name: str) -> None:
+def check_timm_weights_available(name: str, timm_name: str) -> None:
     """Fail in seconds, not after the hub client's retries, when timm's weights can't be had.
 
     Weights already in the hub cache pass; offline (``HF_HUB_OFFLINE``) without them fails at once;
@@ -473,16 +475,30 @@ def _check_timm_weights_available(name: str, timm_name: str) -> None:
         )
 
 
-def _vfm_state_dict(path: str | Path, model: torch.nn.Module) -> dict[str, Tensor]:
-    """A weights file as a state dict in timm's layout for ``model``."""
+#: Keys that mark a DINOv3 (``storage_tokens``) or Perception Encoder (``conv1.weight``) release file.
+_EVA_RELEASE_KEYS = ("storage_tokens", "conv1.weight", "visual.conv1.weight")
+
+
+def vfm_state_dict(path: str | Path, model: torch.nn.Module) -> dict[str, Tensor]:
+    """A weights file as a state dict in timm's layout for ``model`` (a timm ``VisionTransformer`` or ``Eva``).
+
+    Release layouts timm converts are converted: DINOv2's own files (``mask_token``) for a ``VisionTransformer``;
+    DINOv3's (``storage_tokens``) and Perception Encoder's (``conv1.weight``) for an ``Eva``.
+    """
+    from timm.models.eva import Eva
+
     state_dict, _ = read_checkpoint(path)
+    converter = None
     if "mask_token" in state_dict and isinstance(model, VisionTransformer):
         # DINOv2's own release files (dinov2_vit*14[_reg4]_pretrain.pth): timm's converter renames and folds
         # them into its layout (registers, the cls position); DINO's releases already use timm's keys.
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
+        from timm.models.vision_transformer import checkpoint_filter_fn as converter
+    elif isinstance(model, Eva) and any(k in state_dict for k in _EVA_RELEASE_KEYS):
+        # DINOv3's release files (dinov3_vit*_pretrain_*.pth) and PE's (PE-Spatial-*.pt): timm's Eva converter.
+        from timm.models.eva import checkpoint_filter_fn as converter
+    if converter is not None:
         try:
-            state_dict = checkpoint_filter_fn(dict(state_dict), model)
+            state_dict = converter(dict(state_dict), model)
         except Exception as err:
             raise OvdenseError(f"checkpoint {path} does not fit the VFM: {cause_line(err)}") from None
     own = model.state_dict()
@@ -517,7 +533,7 @@ def load_vfm(
     dev = resolve_device(device)
     timm_name, test_arch = _resolve_vfm_name(name)
     if checkpoint is None and not test_arch:
-        _check_timm_weights_available(name, timm_name)
+        check_timm_weights_available(name, timm_name)
     pretrained = checkpoint is None and not test_arch
     try:
         with torch.random.fork_rng(devices=[]):
@@ -531,7 +547,7 @@ def load_vfm(
             ) from None
         raise OvdenseError(f"cannot build VFM {name} ({timm_name}): {cause_line(err)}") from None
     if checkpoint is not None:
-        load_strict(model, _vfm_state_dict(checkpoint, model), f"VFM {name} ({timm_name})")
+        load_strict(model, vfm_state_dict(checkpoint, model), f"VFM {name} ({timm_name})")
         source = str(checkpoint)
     elif test_arch:
         source = "random (test architecture)"

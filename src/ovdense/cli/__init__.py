@@ -23,14 +23,14 @@ import warnings
 from .. import __version__
 from ..errors import OvdenseError, RandomWeightsWarning
 from ..startup import EXIT_INTERRUPTED, INTERRUPTED, is_guard
-from . import attention, convert, demo, detect, eval, eval_det, eval_regions, lists, segment, train
+from . import attention, bank, convert, demo, detect, eval, eval_det, eval_regions, lists, segment, train
 
 __all__ = ["EXIT_USAGE", "OneLineParser", "build_parser", "main"]
 
 EXIT_USAGE = 2
 
 #: The command modules, in the order ``ovdense --help`` lists their commands.
-COMMANDS = (segment, detect, attention, demo, eval, eval_regions, eval_det, convert, train, lists)
+COMMANDS = (segment, detect, attention, demo, eval, eval_regions, eval_det, convert, bank, train, lists)
 
 
 #: The namespace attribute naming the command whose arguments were left unrecognised (removed before returning).

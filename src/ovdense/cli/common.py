@@ -12,9 +12,10 @@ import os
 import sys
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 from ..errors import OvdenseError
-from ..methods import check_method_inputs, get_method, list_methods, methods
+from ..methods import check_method_inputs, get_method, head_class, list_methods, methods
 from ..ranges import COUNT, POSITIVE_INT, Range, flag_type
 
 __all__ = [
@@ -85,6 +86,23 @@ def add_model_args(
         help="VFM of proxyclip/corrclip (default dino-b8): dino-{s,b}{8,16}, dinov2-{s,b,l}[-reg], timm:NAME",
     )
     g.add_argument("--vfm-checkpoint", default=None, help="local weights file of the VFM (DINO/timm layout)")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a VFM run code from its hub repository (C-RADIO for corrclipv2: NVIDIA Source Code License-NC)",
+    )
+    if method:
+        b = p.add_argument_group("memory bank (corrclipv2)")
+        b.add_argument("--bank", default=None, help="a memory_bank/ folder (the authors' layout; ovdense bank build)")
+        b.add_argument("--bank-name", default=None, help="which bank of a folder holding several")
+        b.add_argument("--bank-store", default=None, help="value store of the main CLIP (default: by its width)")
+        b.add_argument(
+            "--aux-model",
+            default=None,
+            help="auxiliary CLIP of the dfnclip_b store (default ViT-B-16-quickgelu + dfn2b, the authors'; none = off)",
+        )
+        b.add_argument("--aux-pretrained", default=None, help="its open_clip pretrained tag")
+        b.add_argument("--aux-checkpoint", default=None, help="its local weights file")
     if masks and method:
         g.add_argument(
             "--masks-dir",
@@ -99,12 +117,14 @@ def add_model_args(
             "--mask-generator",
             default=None,
             choices=tuple(MASK_GENERATORS),
-            help="corrclip: generate the masks with transformers' SAM or SAM2 instead (pip install 'ovdense[masks]')",
+            help="corrclip: generate the masks with transformers' SAM, SAM2, SAM 3 (points) or EoMT (panoptic) instead "
+            "(pip install 'ovdense[masks]')",
         )
         g.add_argument(
             "--mask-model",
             default=None,
-            help="SAM/SAM2 hub id or folder of --mask-generator (default facebook/sam-vit-base / sam2-hiera-large)",
+            help="hub id or folder of --mask-generator (default facebook/sam-vit-base, facebook/sam2-hiera-large, "
+            "facebook/sam3, tue-mps/coco_panoptic_eomt_large_640)",
         )
     g.add_argument(
         "--max-pixels",
@@ -205,11 +225,40 @@ def resolve_preset(args, dataset: str | None):
 def check_inputs(args, images=(), dataset: str | None = None, any_vfm: bool = False) -> None:
     """The VFM and mask flags against what the method's head uses, and every image's mask file, before any model
     loads (``any_vfm``: --vfm is valid with every method, as in ``attention``)."""
+    check_own_model(args, dataset)
     check_method_inputs(
         args.method, vfm=args.vfm, vfm_checkpoint=args.vfm_checkpoint, masks_dir=getattr(args, "masks_dir", None),
         mask_generator=getattr(args, "mask_generator", None), mask_model=getattr(args, "mask_model", None),
         images=images, dataset=dataset, any_vfm=any_vfm, masks_required=True,
     )  # fmt: skip
+    given = [f"--{n.replace('_', '-')}" for n in bank_options(args) if n != "trust_remote_code"]
+    if given and not get_method(args.method).native_vfm:
+        raise OvdenseError(f"{', '.join(given)}: only corrclipv2 retrieves from a memory bank, not {args.method}")
+    if getattr(args, "bank", None) is not None and not Path(args.bank).is_dir():
+        raise OvdenseError(f"--bank: {args.bank} is not a folder (a memory_bank/ folder: ovdense bank build)")
+    if given and getattr(args, "bank", None) is None:
+        raise OvdenseError(f"{', '.join(given)}: give the memory bank with --bank")
+
+
+#: The commands that run a method with a model of its own (SAM 3): they need only set_image / predict.
+OWN_MODEL_COMMANDS = ("segment", "eval")
+
+
+def check_own_model(args, dataset: str | None = None) -> None:
+    """For a method that runs its own model instead of a CLIP dense head (sam3): no CLIP flags, a command that only
+    segments, and its preset's settings (before anything loads)."""
+    spec = get_method(args.method)
+    if not spec.own_model:
+        return
+    flags = ("--model", "--pretrained", "--checkpoint", "--text-cache")
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_"), None) is not None]
+    if given:
+        raise OvdenseError(
+            f"{', '.join(given)}: --method {args.method} runs its own model, not a CLIP (--{args.method}-model)"
+        )
+    if getattr(args, "command", None) not in OWN_MODEL_COMMANDS:
+        raise OvdenseError(f"--method {args.method} runs with ovdense {' and ovdense '.join(OWN_MODEL_COMMANDS)} only")
+    head_class(args.method).check(resolve_preset(args, dataset))
 
 
 def read_classes(args) -> list[list[str]]:
@@ -261,6 +310,8 @@ def load_for_cli(args, verbose: bool = True):
     from ..weights import load_model, resolve_weights
 
     spec = get_method(args.method)
+    if spec.own_model:  # not a CLIP: the method loads its own model (sam3); no weights choice
+        return head_class(args.method).load(resolve_preset(args, None), device=args.device), None
     weights = resolve_weights(args.model, args.pretrained, args.checkpoint, spec.model, spec.pretrained)
     loaded = load_model(weights.model, pretrained=weights.pretrained, checkpoint=weights.checkpoint, device=args.device)
     if verbose:
@@ -275,12 +326,28 @@ def load_for_cli(args, verbose: bool = True):
 
 def load_vfm_for_cli(args, device, verbose: bool = True):
     """The VFM of --vfm (else the method's) on ``device``; the banner for a random test VFM."""
-    from ..vfm import load_vfm
+    spec = get_method(args.method)
+    if spec.native_vfm:  # CorrCLIPv2: once per image at its own resolution
+        from ..vfm_native import load_dense_vfm
 
-    vfm = load_vfm(args.vfm or get_method(args.method).vfm, checkpoint=args.vfm_checkpoint, device=device)
-    if verbose and vfm.is_test_model:
+        vfm = load_dense_vfm(args.vfm or spec.vfm, checkpoint=args.vfm_checkpoint, device=device,
+                             trust_remote_code=bool(getattr(args, "trust_remote_code", False)))  # fmt: skip
+    else:
+        from ..vfm import load_vfm
+
+        vfm = load_vfm(args.vfm or spec.vfm, checkpoint=args.vfm_checkpoint, device=device)
+    if verbose and getattr(vfm, "is_test_model", False):
         warn_test_model(f"the VFM {vfm.name}")
     return vfm
+
+
+def bank_options(args) -> dict:
+    """The memory-bank and remote-code keyword arguments of the flags (only those given, so other methods see none)."""
+    names = ("bank", "bank_name", "bank_store", "aux_model", "aux_pretrained", "aux_checkpoint")
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "trust_remote_code", False):
+        options["trust_remote_code"] = True
+    return options
 
 
 def segmenter_options(args, vfm=None) -> dict:
@@ -296,20 +363,40 @@ def segmenter_options(args, vfm=None) -> dict:
         masks_dir=getattr(args, "masks_dir", None),
         mask_generator=getattr(args, "mask_generator", None),
         mask_model=getattr(args, "mask_model", None),
+        **bank_options(args),
         **preset_overrides(args),
         **method_options(args),
     )
 
 
-def segmenter(args, loaded, weights, dataset: str | None = None, vfm=None, verbose: bool = True):
+def segmenter(args, loaded, weights, dataset: str | None = None, vfm=None, verbose: bool = True, support=None):
     """The :class:`ovdense.Segmenter` the flags name, on weights :func:`load_for_cli` loaded: what
-    ``Segmenter.from_pretrained`` builds from the same arguments."""
+    ``Segmenter.from_pretrained`` builds from the same arguments (``support``: a memory bank opened once for
+    several benchmarks, see :func:`open_bank_for_cli`)."""
     from ..predictor import Segmenter
 
     spec = get_method(args.method)
+    if spec.own_model:  # sam3: its own segmenter on the model load_for_cli loaded
+        return head_class(args.method).segmenter(loaded, resolve_preset(args, dataset), args.precision)
     if spec.uses_vfm and vfm is None:
         vfm = load_vfm_for_cli(args, next(loaded.model.parameters()).device, verbose)
-    return Segmenter.from_model(loaded, args.method, dataset, weights=weights, **segmenter_options(args, vfm))
+    options = segmenter_options(args, vfm)
+    if support is not None:
+        options = {k: v for k, v in options.items() if not k.startswith(("bank", "aux_"))} | {"bank": support}
+    return Segmenter.from_model(loaded, args.method, dataset, weights=weights, **options)
+
+
+def open_bank_for_cli(args, loaded, vfm):
+    """The --bank of ``corrclipv2`` opened and checked once (None without --bank)."""
+    if getattr(args, "bank", None) is None:
+        return None
+    from ..predictor import open_bank_support
+
+    num_support = method_options(args).get("num_support") or 20
+    return open_bank_support(
+        args.bank, args.bank_name, args.bank_store, args.aux_model, args.aux_pretrained, args.aux_checkpoint, loaded,
+        vfm, num_support=num_support, device=next(loaded.model.parameters()).device,
+    )  # fmt: skip
 
 
 def cuda_available() -> bool:

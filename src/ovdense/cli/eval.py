@@ -1,11 +1,14 @@
-"""``ovdense eval``: mIoU on the 8 benchmarks (mmseg protocol, no mmseg), one or all (the paper-style row)."""
+"""``ovdense eval``: mIoU on the 10 benchmarks (mmseg protocol, no mmseg), one, all ten or the classic eight (the
+paper-style row: the benchmarks' columns, then Avg10 and Avg8)."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import OvdenseError
+from ..eval.specs import IGNORE_POLICIES
 from ..methods import get_method
 from ..presets import DATASETS
 from ..ranges import COUNT, POSITIVE_INT, flag_type
@@ -16,16 +19,35 @@ from .common import (
     cuda_available,
     load_for_cli,
     load_vfm_for_cli,
+    open_bank_for_cli,
     resolve_preset,
     segmenter,
 )
 
 
 def register(subparsers) -> None:
-    ev = subparsers.add_parser("eval", help="mIoU on the 8 benchmarks (mmseg protocol, no mmseg)")
-    ev.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
-    ev.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style row")
-    ev.add_argument("--data-root", default="data", help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
+    ev = subparsers.add_parser("eval", help="mIoU on the 10 benchmarks (mmseg protocol, no mmseg)")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--dataset", default=None, choices=DATASETS, help="one benchmark")
+    which.add_argument(
+        "--all", action="store_true", help="run the 10 benchmarks and print the paper-style row (Avg10, Avg8)"
+    )
+    which.add_argument(
+        "--eight", action="store_true", help="run the classic 8 (no ADE847, PC459) and print their row (Avg8)"
+    )
+    ev.add_argument(
+        "--data-root",
+        default="data",
+        help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/, ADE20K_2021_17_01/",
+    )
+    ev.add_argument(
+        "--ignore-index",
+        default=None,
+        choices=IGNORE_POLICIES,
+        help="ADE847 and PC459 only: 'authors' leaves out label 255 (a real class there) and scores unlabelled "
+        "(65535) pixels as CorrCLIPv2's harness does (default; compares with its README); 'unlabelled' leaves out "
+        "65535 as CAT-Seg does. The classic 8 always leave out 255",
+    )
     ev.add_argument(
         "--limit", type=flag_type("limit", POSITIVE_INT), default=None, help="only the first N images (smoke runs)"
     )
@@ -38,20 +60,45 @@ def register(subparsers) -> None:
     ev.set_defaults(func=run)
 
 
-def _print_paper_row(results, datasets, out: Path, method: str) -> list[Path]:
-    from ..eval.specs import PAPER_COLUMNS
+def paper_row(results: dict, method: str, ignore: str) -> tuple[str, dict]:
+    """The paper-style table of a run over the ten (or the classic eight) benchmarks.
+
+    Args:
+        results: benchmark name -> :class:`~ovdense.eval.metrics.SegMetrics`, in column order.
+        method: the row's name.
+        ignore: the ``--ignore-index`` policy, recorded where ADE847 or PC459 are in the row.
+
+    Returns:
+        The markdown table (header: the benchmarks' column titles, then ``Avg10`` where all ten are there and
+        ``Avg8``, the mean over the classic 8) and its JSON (mIoU per benchmark, ``avg10``, ``avg8``, and
+        ``ignore_index``: the policy, where ADE847 or PC459 are in the row).
+    """
+    from ..eval.specs import CLASSIC, LARGE, PAPER_COLUMNS
+
+    miou = {name: metrics.miou for name, metrics in results.items()}
+    averages = {}
+    if set(miou) >= set(CLASSIC) | set(LARGE):
+        averages["Avg10"] = sum(miou.values()) / len(miou)
+    averages["Avg8"] = sum(miou[name] for name in CLASSIC) / len(CLASSIC)
+    titles = [PAPER_COLUMNS[name] for name in miou] + list(averages)
+    values = list(miou.values()) + list(averages.values())
+    header = "| method | " + " | ".join(titles) + " |"
+    row = f"| {method} | " + " | ".join(f"{v:.1f}" for v in values) + " |"
+    table = "\n".join([header, "|" + "---|" * (len(titles) + 1), row])
+    summary = {**miou, **{key.lower(): value for key, value in averages.items()}}
+    if set(miou) & set(LARGE):
+        summary["ignore_index"] = ignore
+    return table, summary
+
+
+def _print_paper_row(results, out: Path, method: str, ignore: str) -> list[Path]:
     from ..fileio import write_atomic, write_json_atomic
 
-    titles = [PAPER_COLUMNS[d.spec.name] for d in datasets]
-    values = [results[d.spec.name].miou for d in datasets]
-    avg = sum(values) / len(values)
-    header = "| method | " + " | ".join(titles) + " | Avg |"
-    row = f"| {method} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {avg:.1f} |"
-    table = "\n".join([header, "|" + "---|" * (len(titles) + 2), row])
+    table, summary = paper_row(results, method, ignore)
     print("\n" + table)
     md, js = out / f"summary_{method}.md", out / f"summary_{method}.json"
     write_atomic(md, lambda f: f.write((table + "\n").encode()))
-    write_json_atomic({**{d.spec.name: results[d.spec.name].miou for d in datasets}, "avg": avg}, js)
+    write_json_atomic(summary, js)
     return [md, js]
 
 
@@ -59,24 +106,37 @@ def run(args) -> int:
     from ..distributed import init_distributed_from_env
     from ..eval.datasets import get_dataset
     from ..eval.runner import evaluate, metrics_table, write_results
-    from ..eval.specs import DATASETS
+    from ..eval.specs import CLASSIC, DATASETS, LARGE
     from ..fileio import check_output_dir
 
-    if bool(args.all) == bool(args.dataset):
-        raise OvdenseError("give --dataset NAME or --all")
+    if not (args.all or args.eight or args.dataset):
+        raise OvdenseError("give --dataset NAME, --all (the 10 benchmarks) or --eight (the classic 8)")
     apply_max_pixels(args)
     out = check_output_dir(args.out)
-    names = list(DATASETS) if args.all else [args.dataset]
-    datasets, missing = [], []
+    names = list(DATASETS) if args.all else list(CLASSIC) if args.eight else [args.dataset]
+    ignore = args.ignore_index or IGNORE_POLICIES[0]  # None: not given (the classic 8 warn when it is)
+    datasets, missing, unread = [], [], []
     for name in names:  # every path checked before any work, every problem named at once
         try:
-            datasets.append(get_dataset(name, args.data_root))
+            datasets.append(get_dataset(name, args.data_root, ignore=ignore))
         except OvdenseError as err:
             missing.append(str(err))
+            unread.append(name)
     if len(names) == 1 and missing:
         raise OvdenseError(missing[0])
     if missing:
-        raise OvdenseError(f"{len(missing)} of {len(names)} datasets cannot be read: " + " | ".join(missing))
+        hint = " (--eight runs the classic 8 alone)" if set(unread) <= set(LARGE) else ""
+        raise OvdenseError(f"{len(missing)} of {len(names)} datasets cannot be read{hint}: " + " | ".join(missing))
+    if args.ignore_index is not None and not set(names) & set(LARGE):
+        warnings.warn("--ignore-index changes ADE847 and PC459 only; the classic 8 leave out 255", stacklevel=1)
+    wide = [d.spec for d in datasets if d.spec.num_classes > 256]
+    if args.save_predictions and wide and len(names) == 1:
+        raise OvdenseError(f"--save-predictions: {wide[0].title}'s {wide[0].num_classes} classes do not fit label PNGs")
+    if args.save_predictions and wide:
+        warnings.warn(
+            f"--save-predictions: none for {', '.join(s.title for s in wide)} (more classes than label PNGs hold)",
+            stacklevel=1,
+        )
     for name in names:  # every benchmark's settings and options, before any model loads
         resolve_preset(args, name)
     for dataset in datasets:
@@ -91,12 +151,14 @@ def run(args) -> int:
     vfm = None
     if get_method(args.method).uses_vfm:  # one VFM for every benchmark
         vfm = load_vfm_for_cli(args, next(loaded.model.parameters()).device, verbose=info.is_main)
+    support = open_bank_for_cli(args, loaded, vfm)  # one memory bank for every benchmark
     results = {}
     for dataset in datasets:
-        seg = segmenter(args, loaded, weights, dataset.spec.name, vfm)
+        seg = segmenter(args, loaded, weights, dataset.spec.name, vfm, support=support)
         preset = seg.preset
         stem = f"{dataset.spec.name}_{preset.method}"
-        save_dir = out / "predictions" / stem if args.save_predictions else None
+        save = args.save_predictions and dataset.spec.num_classes <= 256  # PNG palettes hold 256 classes
+        save_dir = out / "predictions" / stem if save else None
         metrics = evaluate(seg, dataset, limit=args.limit, num_workers=args.workers, save_dir=save_dir)
         results[dataset.spec.name] = metrics
         if info.is_main:
@@ -109,6 +171,8 @@ def run(args) -> int:
                 "weights": loaded.source,
                 "activation": loaded.activation,
                 "limit": args.limit,
+                "ignore_index": dataset.ignore_index,
+                **({"ignore_policy": dataset.ignore_policy} if dataset.spec.unlabelled is not None else {}),
                 "preset": preset.to_dict(),
                 "processes": info.world_size,
             }
@@ -116,7 +180,7 @@ def run(args) -> int:
             if save_dir is not None:
                 written.append(save_dir)
             print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    if args.all and info.is_main:
-        written = _print_paper_row(results, datasets, out, args.method)
+    if (args.all or args.eight) and info.is_main:
+        written = _print_paper_row(results, out, args.method, ignore)
         print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

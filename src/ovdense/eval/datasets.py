@@ -1,4 +1,4 @@
-"""Readers for the 8 open-vocabulary segmentation benchmarks, in the folder layouts mmseg users already have.
+"""Readers for the 10 open-vocabulary segmentation benchmarks, in the folder layouts mmseg users already have.
 
 Everything here follows mmseg 1.x, which SCLIP, NACLIP, ClearCLIP and DeCLIP evaluate with:
 
@@ -10,13 +10,17 @@ Everything here follows mmseg 1.x, which SCLIP, NACLIP, ClearCLIP and DeCLIP eva
   conversion (palette PNGs give palette indices, ``L`` PNGs give grey values), then ``reduce_zero_label``
   (ADE20K, Context59, VOC20 only): ``0 -> 255, c -> c - 1, 255 -> 255``. 255 is ignored by the metric.
   Ground truth is never resized.
+- 16-bit labels (ADE-847, PC-459; CorrCLIPv2's ``MyLoadAnnotations``): the TIFF's stored values as uint16, class
+  indices 0..C-1 and 65535 for unlabelled pixels, never narrowed to 8 bits (:func:`read_label_16`). Which value
+  the metric leaves out is :attr:`SegDataset.ignore_index` (:func:`ovdense.eval.specs.ignore_index`).
 
 The benchmarks themselves (classes, label rule, folder layouts, ``data_root``) are data in
 :mod:`ovdense.eval.specs`.
 
 Class names: ``classes/<dataset>.txt`` holds the names SCLIP and NACLIP use (identical files; background
 words as class 0 of VOC21 and COCO-Object, synonyms for person / tv monitor); ``<dataset>.<style>.txt``
-holds another method's names where they differ (see :data:`~ovdense.eval.specs.CLASS_STYLES`).
+holds another method's names where they differ (see :data:`~ovdense.eval.specs.CLASS_STYLES`). ADE-847 and
+PC-459 have only ``<dataset>.txt``: the authors' (CAT-Seg's) names, each line one prompt.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..classes import split_names
 from ..errors import OvdenseError
 from ..images import decode_image
 from .labels import read_label_png
-from .specs import CLASS_STYLES, DATASETS, DatasetSpec
+from .specs import CLASS_STYLES, DATASETS, IGNORE_POLICIES, STYLE_FALLBACK, DatasetSpec, ignore_index
 
 __all__ = [
     "SegDataset",
@@ -37,6 +42,7 @@ __all__ = [
     "read_class_names",
     "read_image",
     "read_label",
+    "read_label_16",
 ]
 
 IGNORE_INDEX = 255
@@ -68,6 +74,44 @@ def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
     return arr
 
 
+def read_label_16(path: str | Path) -> np.ndarray:
+    """Read a 16-bit label file (CAT-Seg's ADE-847 / PC-459 TIFFs) as CorrCLIPv2's ``MyLoadAnnotations`` does:
+    the stored values, as uint16, never through 8 bits.
+
+    Pillow opens the TIFFs as mode ``I;16`` (or ``I;16B``); 32-bit integer files are accepted while their values
+    fit 0..65535.
+
+    Returns:
+        HxW uint16 array of class indices (65535 = unlabelled).
+
+    Raises:
+        OvdenseError: the file cannot be read, has colour channels, is 8-bit (847 or 459 classes do not fit:
+            such a file went through an 8-bit conversion that lost classes), is floating point, or holds values
+            outside 0..65535.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            arr = np.array(im)
+    except (OSError, ValueError) as err:
+        raise OvdenseError(f"cannot read label {path}: {err}") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise OvdenseError(f"label {path} has shape {arr.shape}: expected one channel of 16-bit class indices")
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize < 2:
+        raise OvdenseError(
+            f"label {path} is mode {mode} ({arr.dtype}): expected a 16-bit label file (mode I;16), as CAT-Seg's "
+            "preparation writes; an 8-bit file cannot hold these classes"
+        )
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+        raise OvdenseError(f"label {path} holds values outside 0..65535 ({arr.min()}..{arr.max()})")
+    return arr.astype(np.uint16)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image as mmseg's ``LoadImageFromFile`` sees it: RGB, EXIF orientation applied.
 
@@ -84,19 +128,25 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def class_file(name: str, style: str = "sclip") -> Path:
-    """The class-name file of dataset ``name`` for ``style``: ``<name>.<style>.txt`` if shipped, else ``<name>.txt``."""
+    """The class-name file of dataset ``name`` for ``style``: ``<name>.<style>.txt`` if shipped, else that of the
+    style it falls back to (:data:`~ovdense.eval.specs.STYLE_FALLBACK`), else ``<name>.txt``."""
     if name not in DATASETS:
         raise _unknown(name)
     if style not in CLASS_STYLES:
         raise OvdenseError(f"unknown class-name style {style!r}; choose one of: {', '.join(CLASS_STYLES)}")
-    styled = CLASSES_DIR / f"{name}.{style}.txt"
-    return styled if style != "sclip" and styled.is_file() else CLASSES_DIR / f"{name}.txt"
+    while style != "sclip":
+        styled = CLASSES_DIR / f"{name}.{style}.txt"
+        if styled.is_file():
+            return styled
+        style = STYLE_FALLBACK.get(style, "sclip")
+    return CLASSES_DIR / f"{name}.txt"
 
 
 def read_class_names(name: str, style: str = "sclip") -> list[list[str]]:
     """Class names of dataset ``name`` as the method family ``style`` used them.
 
-    Line i of the file is class i; a class's names (synonyms) are separated by ``", "``. A name may appear
+    Line i of the file is class i; a class's names (synonyms) are separated by ``", "``, and ``\\,`` is a comma
+    inside one name (ADE-847's ``building\\, edifice`` is one prompt, ``building, edifice``). A name may appear
     in two classes (SCLIP's COCO-Object has ``bed`` among the background words and as the bed class):
     the list is returned as written.
 
@@ -105,7 +155,7 @@ def read_class_names(name: str, style: str = "sclip") -> list[list[str]]:
     """
     path = class_file(name, style)
     lines = path.read_text(encoding="utf-8").splitlines()
-    return [[n.strip() for n in line.split(", ")] for line in lines if line.strip()]
+    return [[n.strip() for n in split_names(line)] for line in lines if line.strip()]
 
 
 def _resolve_root(spec: DatasetSpec, data_root: Path) -> Path:
@@ -125,16 +175,28 @@ class SegDataset(torch.utils.data.Dataset):
     Paths are checked when the dataset is built (folders, split file, every label file present); pixels
     are decoded lazily in ``__getitem__``, so DataLoader workers do the decoding.
 
+    Args:
+        name: a key of :data:`~ovdense.eval.specs.DATASETS`.
+        data_root: see :mod:`ovdense.eval.specs`.
+        ignore: which label value the metric leaves out where there is a choice (ADE-847, PC-459), one of
+            :data:`~ovdense.eval.specs.IGNORE_POLICIES`: ``"authors"`` (255, CorrCLIPv2's harness) or
+            ``"unlabelled"`` (65535, CAT-Seg's). The classic 8 ignore 255 under either.
+
     Attributes:
         spec: the benchmark's :class:`DatasetSpec`.
         root: the benchmark folder that was found under ``data_root``.
         samples: (image path, label path) pairs in mmseg's order.
+        ignore_policy: ``ignore`` as given; ``ignore_index``: the label value the metric leaves out.
     """
 
-    def __init__(self, name: str, data_root: str | Path):
+    def __init__(self, name: str, data_root: str | Path, ignore: str = "authors"):
         if name not in DATASETS:
             raise _unknown(name)
+        if ignore not in IGNORE_POLICIES:
+            raise OvdenseError(f"unknown ignore policy {ignore!r}; choose one of: {', '.join(IGNORE_POLICIES)}")
         self.spec = spec = DATASETS[name]
+        self.ignore_policy = ignore
+        self.ignore_index = ignore_index(spec, ignore)
         self.data_root = Path(data_root)
         self.root = _resolve_root(spec, self.data_root)
         img_dir, ann_dir = self.root / spec.img_dir, self.root / spec.ann_dir
@@ -191,16 +253,20 @@ class SegDataset(torch.utils.data.Dataset):
         """Sample ``i``.
 
         Returns:
-            ``image``: HxWx3 uint8 RGB; ``label``: HxW uint8 class indices after ``reduce_zero_label``
-            (255 = ignore); ``name``: the sample id without folders or suffix (e.g. ``2007_000033``);
-            ``image_path``: str.
+            ``image``: HxWx3 uint8 RGB; ``label``: HxW class indices, uint8 after ``reduce_zero_label`` (255 =
+            ignore) for the classic 8, uint16 for ADE-847 and PC-459 (65535 = unlabelled; :attr:`ignore_index`
+            is what the metric leaves out); ``name``: the sample id without folders or suffix (e.g.
+            ``2007_000033``); ``image_path``: str.
 
         Raises:
             OvdenseError: the label's size differs from the image's.
         """
         img_path, lab_path = self.samples[i]
         image = read_image(img_path)
-        label = read_label(lab_path, self.spec.reduce_zero_label)
+        if self.spec.label_mode == "I;16":
+            label = read_label_16(lab_path)
+        else:
+            label = read_label(lab_path, self.spec.reduce_zero_label)
         if image.shape[:2] != label.shape:
             (h, w), (lh, lw) = image.shape[:2], label.shape
             raise OvdenseError(
@@ -218,6 +284,7 @@ class SegDataset(torch.utils.data.Dataset):
         return f"SegDataset({self.spec.name!r}, root={str(self.root)!r}, {len(self)} images)"
 
 
-def get_dataset(name: str, data_root: str | Path) -> SegDataset:
-    """The validation split of benchmark ``name`` (a key of :data:`DATASETS`) under ``data_root``."""
-    return SegDataset(name, data_root)
+def get_dataset(name: str, data_root: str | Path, ignore: str = "authors") -> SegDataset:
+    """The validation split of benchmark ``name`` (a key of :data:`DATASETS`) under ``data_root``; ``ignore``
+    as :class:`SegDataset`'s."""
+    return SegDataset(name, data_root, ignore)

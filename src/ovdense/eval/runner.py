@@ -42,6 +42,8 @@ def evaluate(
     classes = dataset.class_names(segmenter.preset.class_style)
     if len(classes) != spec.num_classes:
         raise OvdenseError(f"{spec.name}: class file has {len(classes)} classes, dataset has {spec.num_classes}")
+    if save_dir is not None and spec.num_classes > 256:  # before any work: label PNGs hold 256 classes
+        raise OvdenseError(f"{spec.name}: cannot save predictions of {spec.num_classes} classes as label PNGs")
     segmenter.text_classifier(classes)  # once, before the image loop
     if save_dir is not None:
         save_dir = Path(save_dir)
@@ -54,7 +56,7 @@ def evaluate(
         collate_fn=identity_collate,
         persistent_workers=False,
     )
-    acc = IoUAccumulator(spec.num_classes)
+    acc = IoUAccumulator(spec.num_classes, ignore_index=dataset.ignore_index)  # 255, or ADE-847/PC-459's choice
     bar = tqdm(
         loader, total=len(indices), desc=f"{spec.title} {segmenter.preset.method}", unit="img",
         disable=(not progress or not info.is_main) or None,

@@ -18,6 +18,7 @@ from ..backbones.base import NO_TAPS, DenseTower, Taps
 
 if TYPE_CHECKING:
     from ..vfm import Vfm
+    from ..vfm_map import VfmImageMap
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,18 @@ class PassInputs:
         text: the class names' embeddings, for heads with ``needs_text`` (ignored by the others).
         vfm: a vision foundation model, for heads with ``uses_vfm``.
         masks: B x H x W integer region ids of each image, for heads with ``uses_masks``.
+        vfm_map: the whole image's VFM features (:class:`ovdense.vfm_map.VfmImageMap`), for heads whose VFM runs
+            once per image at its own resolution (``native_vfm``: CorrCLIPv2) instead of on each window.
+        pixel_coords: B x 2 x H x W, the network-input pixel (row, column) each window pixel shows (padding repeats
+            the window's edge), with ``vfm_map``.
     """
 
     pos_rule: str = "sclip"
     text: TextQuery | None = None
     vfm: Vfm | None = None
     masks: torch.Tensor | None = None
+    vfm_map: VfmImageMap | None = None
+    pixel_coords: torch.Tensor | None = None
 
 
 @dataclass
@@ -136,6 +143,9 @@ class DenseHead:
     uses_vfm: bool = False
     #: Whether the pass needs class-agnostic region masks of each window.
     uses_masks: bool = False
+    #: With ``uses_vfm``: whether the VFM runs once per image at the image's own resolution
+    #: (:mod:`ovdense.vfm_native`), the pass getting ``vfm_map`` and ``pixel_coords`` instead of ``vfm``.
+    native_vfm: bool = False
 
     def taps(self, tower: DenseTower) -> Taps:
         """The earlier blocks this head reads on ``tower`` (none by default); raises ValueError when the tower
@@ -150,7 +160,9 @@ class DenseHead:
         """Raise ValueError when ``inputs`` lack what this head needs (text, VFM, masks)."""
         for needed, value, what in (
             (self.needs_text, inputs.text, "segments inside its pass: give it the text embeddings"),
-            (self.uses_vfm, inputs.vfm, "needs a vision foundation model: give it vfm="),
+            (self.uses_vfm and not self.native_vfm, inputs.vfm, "needs a vision foundation model: give it vfm="),
+            (self.native_vfm, inputs.vfm_map, "needs the image's VFM map: give it vfm_map="),
+            (self.native_vfm, inputs.pixel_coords, "needs the windows' pixel coordinates: give it pixel_coords="),
             (self.uses_masks, inputs.masks, "needs class-agnostic masks of each image: give it masks="),
         ):
             if needed and value is None:
