@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import InvalidArgumentError
 
 __all__ = [
+    "class_list_key",
     "display_names",
     "normalise_classes",
     "parse_class_string",
@@ -70,6 +71,17 @@ def validate_classes(classes: Sequence[Sequence[str]], where: str = "") -> list[
             seen.setdefault(name, ci)
         out.append(cleaned)
     return out
+
+
+def class_list_key(classes) -> tuple | None:
+    """A hashable form of a class-list argument as given (None when it has none), so a list given again is
+    neither parsed nor warned about again."""
+    if isinstance(classes, str):
+        return ("str", classes)
+    try:
+        return ("list", tuple(c if isinstance(c, str) else tuple(c) for c in classes))
+    except TypeError:
+        return None
 
 
 def split_names(text: str) -> list[str]:

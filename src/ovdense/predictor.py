@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from . import ranges, regions
-from .classes import display_names, normalise_classes
+from .classes import class_list_key, display_names, normalise_classes
 from .errors import InvalidArgumentError, OvdenseError
 from .heads import DenseHead, PassInputs, TextQuery
 from .heads.vfm_proxies import MERGED_REGION_ID, resize_region_ids
@@ -42,16 +42,6 @@ def load_image(image) -> np.ndarray:
     if isinstance(image, (str, Path, bytes, bytearray, memoryview, Image.Image)):
         return decode_image(image)
     return as_rgb8_array(image)
-
-
-def _as_key(classes) -> tuple | None:
-    """A hashable form of a class-list argument as given (``None`` when it has none)."""
-    if isinstance(classes, str):
-        return ("str", classes)
-    try:
-        return ("list", tuple(c if isinstance(c, str) else tuple(c) for c in classes))
-    except TypeError:
-        return None
 
 
 def resolve_preset(method: str, dataset: str | None = None, **options) -> Preset:
@@ -557,7 +547,7 @@ class Segmenter:
             templates: prompt templates; default the segmenter's (the 80 OpenAI ImageNet templates).
         """
         templates = tuple(self.templates if templates is None else templates)
-        raw = _as_key(classes)
+        raw = class_list_key(classes)
         if raw is not None and (raw, templates) in self._text:  # the same input again: checked (and warned) once
             return self._text[raw, templates]
         parsed = normalise_classes(classes)

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .classes import class_list_key
 from .errors import InvalidArgumentError, OvdenseError, cause_line
 from .methods import check_options, get_method, head_class, register_method
 
@@ -417,7 +418,7 @@ class Sam3Segmenter:
 
         if templates is not None:
             raise InvalidArgumentError("templates: sam3 prompts each name verbatim (no templates)")
-        raw = _raw_key(classes)
+        raw = class_list_key(classes)
         if raw is not None and raw in self._text:
             return self._text[raw]
         parsed = normalise_classes(classes)
@@ -580,17 +581,6 @@ class Sam3Segmenter:
         """``set_image(image)`` then ``predict(classes)``."""
         self.set_image(image)
         return self.predict(classes)
-
-
-def _raw_key(classes) -> tuple | None:
-    """A hashable form of a class-list argument as given (None when it has none), so a list given again is neither
-    parsed nor warned about again."""
-    if isinstance(classes, str):
-        return ("str", classes)
-    try:
-        return ("list", tuple(c if isinstance(c, str) else tuple(c) for c in classes))
-    except TypeError:
-        return None
 
 
 def check_preset(preset) -> Sam3Head:
