@@ -487,3 +487,12 @@ def test_support_logits_empty_and_bad_ids():
     assert "outside the store's rows 0..9" in one_line_error(err)
     with pytest.raises(InvalidArgumentError):
         support_logits(torch.tensor([[1]]), store, unit_rows(3, 16, 2))
+
+
+def test_vfm_names_become_safe_file_names(tmp_path):
+    from ovdense.bank.layout import BankLayout, file_part
+
+    assert file_part("radiov3") == "radiov3" and file_part("radiov2.5") == "radiov2.5"
+    assert file_part("timm:vit_large_patch16_224") == "timm-vit_large_patch16_224"
+    layout = BankLayout(tmp_path, "coco")
+    assert layout.index("timm:vit_large_patch16_224").name == "coco_timm-vit_large_patch16_224.faiss"

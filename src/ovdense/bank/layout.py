@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import OvdenseError
@@ -58,12 +59,12 @@ class BankLayout:
         return self.root / CLIP_EMBEDDINGS / f"{self.name}_{store_name}.pt"
 
     def keys(self, vfm_name: str) -> Path:
-        """``vfm_embeddings/{name}_{vfm_name}.pt``: fp16 [N, Dk] VFM region keys."""
-        return self.root / VFM_EMBEDDINGS / f"{self.name}_{vfm_name}.pt"
+        """``vfm_embeddings/{name}_{vfm}.pt``: fp16 [N, Dk] VFM region keys (``vfm`` = :func:`file_part`)."""
+        return self.root / VFM_EMBEDDINGS / f"{self.name}_{file_part(vfm_name)}.pt"
 
     def index(self, vfm_name: str) -> Path:
-        """``vfm_embeddings/{name}_{vfm_name}.faiss``: the retrieval index over the keys."""
-        return self.root / VFM_EMBEDDINGS / f"{self.name}_{vfm_name}.faiss"
+        """``vfm_embeddings/{name}_{vfm}.faiss``: the retrieval index over the keys (``vfm`` = :func:`file_part`)."""
+        return self.root / VFM_EMBEDDINGS / f"{self.name}_{file_part(vfm_name)}.faiss"
 
     def _owned(self, folder: str, suffix: str) -> dict[str, Path]:
         """``{part: path}`` of the files ``folder/{name}_{part}{suffix}`` that belong to this bank."""
@@ -87,6 +88,13 @@ class BankLayout:
         """The VFM name an index file carries: ``{name}_{vfm}.faiss`` -> ``vfm``."""
         stem = Path(index_path).name[: -len(".faiss")]
         return stem[len(self.name) + 1 :] if stem.startswith(f"{self.name}_") else stem
+
+
+def file_part(name: str) -> str:
+    """A VFM name as it stands in a file name: the authors' names unchanged (``radiov3``), anything outside
+    letters, digits, ``.``, ``_`` and ``-`` replaced by ``-`` (``timm:vit_large_patch16_224`` ->
+    ``timm-vit_large_patch16_224``: no colon, which some file systems refuse)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
 def find_bank(root, name: str | None = None) -> BankLayout:
