@@ -13,7 +13,7 @@ IVFPQ: the fraction of the exact top 20 that IVFPQ also returns, over 1000 held-
 Keys: ``--clusters`` Gaussian clusters plus noise (un-normalised, as the keys are stored; the index normalises them);
 queries are drawn the same way. Real keys are distributed otherwise: their recall may differ.
 
-    python benchmarks/bank_speed.py [--sizes 10000 100000] [--threads 2] [--regions 32]
+    python benchmarks/bank_speed.py [--sizes 10000 100000] [--threads 2] [--regions 32] [--train-size 100000]
 """
 
 from __future__ import annotations
@@ -57,7 +57,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default faiss')")
     parser.add_argument("--regions", type=int, default=32, help="regions of one image's query (default 32)")
     parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="train IVFPQ on a sample of this many keys (default: all of them)"
+    )
     args = parser.parse_args()
+
+    def sample(kind: str) -> int | None:
+        return args.train_size if kind == "ivfpq" else None
+
     faiss = import_faiss()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -71,7 +78,9 @@ def main() -> None:
         ids = np.arange(n, dtype=np.int64)
         exact = None
         for kind in ("flat", "ivfpq"):
-            build_s, index = timed(lambda kind=kind, data=data, ids=ids: build_index(data, ids, kind=kind))
+            build_s, index = timed(
+                lambda kind=kind, data=data, ids=ids: build_index(data, ids, kind=kind, train_size=sample(kind))
+            )
             size = faiss.serialize_index(index).nbytes
             image_s, _ = timed(lambda index=index: search(index, one_image, K), repeat=5)
             batch_s, found = timed(lambda index=index: search(index, queries, K), repeat=2)

@@ -496,3 +496,16 @@ def test_vfm_names_become_safe_file_names(tmp_path):
     assert file_part("timm:vit_large_patch16_224") == "timm-vit_large_patch16_224"
     layout = BankLayout(tmp_path, "coco")
     assert layout.index("timm:vit_large_patch16_224").name == "coco_timm-vit_large_patch16_224.faiss"
+
+
+def test_gpu_training_without_a_gpu_warns_and_trains_on_the_cpu():
+    from ovdense.bank.index import build_index, search
+
+    rng = np.random.default_rng(5)
+    keys = rng.normal(size=(300, 64)).astype(np.float32)
+    ids = np.arange(300)
+    cpu = build_index(keys, ids)
+    with pytest.warns(UserWarning, match="training on the CPU"):
+        other = build_index(keys, ids, gpu=0)
+    queries = keys[:10] / np.linalg.norm(keys[:10], axis=1, keepdims=True)
+    np.testing.assert_array_equal(search(cpu, queries, 5), search(other, queries, 5))

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import OvdenseError, first_line
+from ..errors import OvdenseError
 from .layout import BankLayout
 
 __all__ = ["CLIP_ALIASES", "ClipSpec", "build_bank", "resolve_clips"]
@@ -536,43 +536,7 @@ def _sync_index(layout: BankLayout, vfm: str, kind: str, train_size, faiss_gpu: 
         return {"path": str(path), "trained": False, "added": added, "ntotal": int(found.ntotal)}
     ids = np.arange(n, dtype=np.int64)
     data = keys.float().numpy()
-    built = _build_gpu(data, ids, train_size, dev) if faiss_gpu and kind == "ivfpq" else None
-    if built is None:
-        built = build_index(data, ids, kind=kind, train_size=train_size)
+    gpu = ((dev.index or 0) if dev.type == "cuda" else 0) if faiss_gpu else None
+    built = build_index(data, ids, kind=kind, train_size=train_size, gpu=gpu)
     write_index(built, path)
     return {"path": str(path), "trained": True, "added": n, "ntotal": int(built.ntotal)}
-
-
-def _build_gpu(keys, ids, train_size, dev):
-    """The authors' GPU training (``update_faiss_cache``, l.264-279): the IVFPQ trained on a GPU copy, copied back,
-    wrapped in IndexIDMap2; None (with a warning) when faiss has no GPU or the bank is too small for IVFPQ."""
-    import numpy as np
-
-    from .index import MIN_TRAIN_ROWS, PQ_M, PQ_NBITS, TRAIN_SEED, import_faiss, index_nlist, normalize_keys
-
-    faiss = import_faiss()
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-        warnings.warn("--faiss-gpu: this faiss has no GPU support (faiss-cpu); training on the CPU", stacklevel=3)
-        return None
-    if len(keys) < MIN_TRAIN_ROWS:
-        return None  # build_index builds it flat, with its warning
-    x = normalize_keys(keys)
-    d = x.shape[1]
-    if d % PQ_M:
-        return None  # build_index says why
-    train = x
-    if train_size is not None and train_size < len(x):
-        rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(x), size=int(train_size), replace=False))
-        train = x[rows]
-    ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, index_nlist(len(x)), PQ_M, PQ_NBITS)
-    try:
-        resources = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(resources, (dev.index or 0) if dev.type == "cuda" else 0, ivf)
-        gpu.train(train)
-        ivf = faiss.index_gpu_to_cpu(gpu)
-    except Exception as err:  # noqa: BLE001 - the authors fall back to the CPU the same way
-        warnings.warn(f"--faiss-gpu: GPU training failed ({first_line(err)}); training on the CPU", stacklevel=3)
-        return None
-    index = faiss.IndexIDMap2(ivf)
-    index.add_with_ids(x, ids)
-    return index

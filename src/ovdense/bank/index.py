@@ -93,7 +93,7 @@ def _inner(index):
     return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
 
 
-def build_index(keys, ids, kind: str = "ivfpq", train_size: int | None = None):
+def build_index(keys, ids, kind: str = "ivfpq", train_size: int | None = None, gpu: int | None = None):
     """A new index over ``keys`` with ``ids``, trained once.
 
     Args:
@@ -105,6 +105,8 @@ def build_index(keys, ids, kind: str = "ivfpq", train_size: int | None = None):
             warning.
         train_size: train on a seeded random sample of that many rows instead of all N (ours, for 10^7-row banks;
             at least max(256, nlist)); the index still holds all N rows, and nlist still follows N.
+        gpu: train the IVFPQ on this GPU as the authors do (``update_faiss_cache``: a GPU copy trained, copied
+            back); on a faiss without GPUs, or when that fails, it trains on the CPU with a warning.
 
     Returns:
         the faiss index (``ntotal`` = N).
@@ -150,10 +152,29 @@ def build_index(keys, ids, kind: str = "ivfpq", train_size: int | None = None):
     # threshold only gates the message: the training itself is unchanged.
     ivf.cp.min_points_per_centroid = 1
     ivf.pq.cp.min_points_per_centroid = 1
-    ivf.train(train)
+    trained = None if gpu is None else _train_on_gpu(faiss, ivf, train, gpu)
+    if trained is None:
+        ivf.train(train)
+    else:
+        ivf = trained
     index = faiss.IndexIDMap2(ivf)
     index.add_with_ids(x, ids)
     return index
+
+
+def _train_on_gpu(faiss, ivf, train: np.ndarray, device: int):
+    """``ivf`` trained on a GPU copy and copied back to the CPU; None (with a warning) where that is not possible."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        warnings.warn("faiss GPU training: this faiss has no GPU (faiss-cpu); training on the CPU", stacklevel=3)
+        return None
+    try:
+        resources = faiss.StandardGpuResources()
+        copy = faiss.index_cpu_to_gpu(resources, device, ivf)
+        copy.train(train)
+        return faiss.index_gpu_to_cpu(copy)
+    except Exception as err:  # noqa: BLE001 - the authors fall back to the CPU the same way
+        warnings.warn(f"faiss GPU training failed ({first_line(err)}); training on the CPU", stacklevel=3)
+        return None
 
 
 def index_ids(index) -> np.ndarray:
