@@ -23,7 +23,16 @@ import numpy as np
 
 from .errors import InvalidArgumentError, OvdenseError
 
-__all__ = ["MASK_KEY", "MASK_SUBDIRS", "as_region_map", "paint_regions", "read_region_map", "region_map_for", "vote"]
+__all__ = [
+    "MASK_KEY",
+    "MASK_SUBDIRS",
+    "as_region_map",
+    "load_mask_array",
+    "paint_regions",
+    "read_region_map",
+    "region_map_for",
+    "vote",
+]
 
 #: The array name inside CorrCLIP's ``.npz`` files.
 MASK_KEY = "instance_mask"
@@ -65,6 +74,26 @@ def as_region_map(regions, size: tuple[int, int] | None = None, what: str = "mas
     return arr.astype(np.int64)
 
 
+def load_mask_array(path: str | os.PathLike) -> np.ndarray:
+    """The ``instance_mask`` array of a CorrCLIP-style ``.npz`` file, as stored (no shape or dtype check).
+
+    Raises:
+        OvdenseError: missing or unreadable file, or no ``instance_mask``; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OvdenseError(f"mask file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if MASK_KEY not in data.files:
+                raise OvdenseError(f"mask file {path} holds no {MASK_KEY!r} array (it has {', '.join(data.files)})")
+            return data[MASK_KEY]
+    except OvdenseError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise OvdenseError(f"cannot read mask file {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+
+
 def read_region_map(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A CorrCLIP mask file: ``np.load(path)["instance_mask"]``, H x W int64.
 
@@ -77,17 +106,7 @@ def read_region_map(path: str | os.PathLike, size: tuple[int, int] | None = None
             ``size``; every message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise OvdenseError(f"mask file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if MASK_KEY not in data.files:
-                raise OvdenseError(f"mask file {path} holds no {MASK_KEY!r} array (it has {', '.join(data.files)})")
-            arr = data[MASK_KEY]
-    except OvdenseError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise OvdenseError(f"cannot read mask file {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+    arr = load_mask_array(path)
     try:
         return as_region_map(arr, size, what=f"mask file {path}")
     except InvalidArgumentError as err:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import random
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import OvdenseError, first_line
 from ..fileio import write_atomic
-from ..masks import MASK_KEY
+from ..masks import MASK_KEY, load_mask_array
 
 __all__ = [
     "BUILD_SETTINGS",
@@ -61,17 +60,7 @@ def read_bank_mask(path) -> np.ndarray:
         OvdenseError: missing or unreadable file, no ``instance_mask``, or another shape or dtype; names the file.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if MASK_KEY not in data.files:
-                raise OvdenseError(f"mask file {path} holds no {MASK_KEY!r} array (it has {', '.join(data.files)})")
-            mask = data[MASK_KEY]
-    except OvdenseError:
-        raise
-    except FileNotFoundError:
-        raise OvdenseError(f"mask file {path} not found") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise OvdenseError(f"cannot read mask file {path}: {first_line(err)}") from None
+    mask = load_mask_array(path)
     integer = np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_
     if not ((mask.ndim == 2 and integer) or (mask.ndim == 3 and mask.dtype == np.bool_)) or 0 in mask.shape:
         raise OvdenseError(f"mask file {path}: expected int [H, W] or bool [R, H, W], got {mask.dtype} {mask.shape}")
