@@ -61,7 +61,8 @@ def test_region_means_and_windows_equal_the_full_map_written_out():
     vmap = VfmImageMap(grid, size)
     full = upsampled(grid, size)[0]
     ids = torch.randint(0, 4, size)
-    values, means = vmap.region_means(ids)
+    values, index, means = vmap.region_means(ids)
+    torch.testing.assert_close(values[index], ids, rtol=0, atol=0)
     expected = torch.stack([full[:, ids == v].mean(1) for v in values])
     torch.testing.assert_close(means, expected, rtol=0, atol=1e-6)
     # A window at rows 3..33, columns 10..40, padded by 5 on every side: the authors pad V̂ by replicating its edge.
@@ -236,3 +237,29 @@ def test_bank_checks_are_one_line(vit12, aux, dense_vfm, tmp_path):
     assert "\n" not in str(err.value) and str(dense_vfm.dim) in str(err.value)
     with pytest.raises(OvdenseError, match="no value store fits"):
         BankSupport.open(tmp_path / "mb", main_width=clip_width(vit12) + 8)
+
+
+def test_cli_segment_with_a_bank_and_its_errors(vit12, aux, dense_vfm, tmp_path, capsys):
+    from PIL import Image
+
+    from ovdense.cli import main
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    np.savez_compressed(tmp_path / "img.npz", instance_mask=rng.integers(0, 4, (90, 120)))
+    keys = rng.normal(size=(30, dense_vfm.dim)).astype(np.float32)
+    write_bank(tmp_path / "mb", keys, {"metaclip_b": torch.randn(30, clip_width(vit12)),
+                                       "dfnclip_b": torch.randn(30, clip_width(aux))})  # fmt: skip
+    common = ["segment", str(tmp_path / "img.png"), "--classes", "sky; car; tree", "--method", "corrclipv2",
+              "--model", "ovdense-test-vit12", "--vfm", "test-timm", "--masks-dir", str(tmp_path),
+              "--short-side", "112", "--crop", "112", "--stride", "56", "--text-cache", "off"]  # fmt: skip
+    assert main([*common, "--bank", str(tmp_path / "mb"), "--aux-model", "ovdense-test-vit", "--bank-store",
+                 "metaclip_b", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (tmp_path / "out" / "img_overlay.png").is_file()
+    capsys.readouterr()
+    assert main([*common, "--bank", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main([*common[:5], "sclip", "--model", "ovdense-test-vit", "--bank", str(tmp_path / "mb"),
+                 "--out", str(tmp_path / "o3")]) == 2  # fmt: skip
+    assert "only corrclipv2 retrieves" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

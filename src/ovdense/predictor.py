@@ -152,17 +152,18 @@ def open_bank_support(bank, bank_name, bank_store, aux_model, aux_pretrained, au
                       num_support: int = 20, device=None):  # fmt: skip
     """CorrCLIPv2's :class:`~ovdense.bank.retrieval.BankSupport` of a bank folder, checked against the main CLIP,
     the VFM and the auxiliary CLIP (which it loads) before any image (one-line errors)."""
-    from .bank.retrieval import AUTHORS_AUX_STORE, BankSupport
+    from .bank.memory_bank import MemoryBank
+    from .bank.retrieval import AUTHORS_AUX_STORE, BankSupport, main_store_for
 
-    aux_loaded = aux_store = None
-    if aux_model != "none":
-        aux_store = AUTHORS_AUX_STORE
+    # The bank's folder and its main store first: a wrong bank says so before the auxiliary CLIP loads.
+    opened = MemoryBank.open(bank, bank_name)
+    aux_store = None if aux_model == "none" else AUTHORS_AUX_STORE
+    main_store = bank_store or main_store_for(opened, clip_width(loaded), exclude=aux_store)
+    aux_loaded = None
+    if aux_store is not None:
         choice = resolve_weights(aux_model, aux_pretrained, aux_checkpoint, AUX_MODEL, AUX_PRETRAINED)
         aux_loaded = load_model(choice.model, pretrained=choice.pretrained, checkpoint=choice.checkpoint, device=device)
-    support = BankSupport.open(
-        bank, bank_name, main_store=bank_store, aux_store=aux_store, aux_model=aux_loaded, num_support=num_support,
-        main_width=clip_width(loaded),
-    )  # fmt: skip
+    support = BankSupport(opened, main_store, aux_store, aux_loaded, num_support=num_support)
     support.check(key_dim=vfm.dim, main_dim=clip_width(loaded),
                   aux_dim=None if aux_loaded is None else clip_width(aux_loaded))  # fmt: skip
     return support
@@ -615,8 +616,7 @@ class Segmenter:
         unsegmented one too, retrieves; one batched search per image)."""
         if id(text) not in self._support:
             if self._neighbours is None:
-                index = torch.unique(self._input_ids[0], return_inverse=True)[1]
-                _, means = self._vfm_map.region_means(self._input_ids[0])
+                _, index, means = self._vfm_map.region_means(self._input_ids[0])
                 queries = torch.nn.functional.normalize(means, dim=-1)
                 self._neighbours = (index, self.support.neighbours(queries))
             index, ids = self._neighbours

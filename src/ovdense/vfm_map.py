@@ -66,14 +66,15 @@ class VfmImageMap:
         half = torch.einsum("rh,chw->crw", self.rows[rows], self.grid)
         return F.normalize(torch.einsum("crw,sw->crs", half, self.cols[cols]), dim=0)
 
-    def region_means(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def region_means(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean of V̂ over each region of ``ids`` (the retrieval queries before normalisation, S:165-175).
 
         Args:
             ids: H x W integer region ids at the network input's size.
 
         Returns:
-            ``(values, means)``: R region ids ascending (those present) and R x C float32 means.
+            ``(values, index, means)``: R region ids ascending (those present), H x W each pixel's region (0..R-1)
+            and R x C float32 means.
         """
         if tuple(ids.shape) != self.size:
             raise ValueError(f"region ids are {tuple(ids.shape)}, the map covers {self.size}")
@@ -86,7 +87,7 @@ class VfmImageMap:
             feats = self.at(rows, all_cols)  # C x r x W
             sums.index_add_(0, index[rows].reshape(-1), feats.flatten(1).T)
         counts = torch.bincount(index.reshape(-1), minlength=len(values)).to(sums.dtype)
-        return values, sums / counts[:, None]
+        return values, index, sums / counts[:, None]
 
     def window_features(self, coords: Tensor, out_size: tuple[int, int]) -> Tensor:
         """Each window's crop of V̂ resized to ``out_size`` and normalised per cell (S:135-138, 214-219).
