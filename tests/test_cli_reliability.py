@@ -162,9 +162,9 @@ def test_convert_checks_its_output_folder_before_work(tmp_path, capsys, monkeypa
 
 
 def test_too_many_classes_fail_before_the_model_loads(photo, tmp_path, capsys):
-    classes = "; ".join(f"class {i}" for i in range(257))
+    classes = "; ".join(f"class {i}" for i in range(65537))  # 16-bit label PNGs hold 65536 (0..65535)
     code, _, err = run(["segment", str(photo), "--classes", classes, *TINY, "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "257 classes" in one_error_line(err) and "RANDOM" not in err
+    assert code == 2 and "65537 classes" in one_error_line(err) and "RANDOM" not in err
     assert not (tmp_path / "o").exists()
 
 

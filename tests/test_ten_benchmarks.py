@@ -203,11 +203,15 @@ def test_classic_benchmarks_ignore_255_whatever_the_policy(tmp_path):
         assert get_dataset("ade20k", tmp_path, ignore=policy).ignore_index == 255
 
 
-def test_evaluate_refuses_to_save_pngs_of_847_classes(tmp_path):
-    _tiny_benchmark("ade847", tmp_path)
-    with pytest.raises(OvdenseError, match="ade847: cannot save predictions of 847 classes"):
-        evaluate(_FixedSegmenter(), get_dataset("ade847", tmp_path), num_workers=0, save_dir=tmp_path / "p")
-    assert not (tmp_path / "p").exists()
+@pytest.mark.parametrize("name", LARGE)
+def test_evaluate_saves_16_bit_pngs_of_the_wide_benchmarks(name, tmp_path):
+    _tiny_benchmark(name, tmp_path)
+    evaluate(_FixedSegmenter(), get_dataset(name, tmp_path), num_workers=0, save_dir=tmp_path / "p", progress=False)
+    stem = "ADE_val_00000001" if name == "ade847" else "2008_000002"
+    for file, want in ((f"{stem}.png", PRED), (f"{stem}_gt.png", LABEL)):  # the exact values, 65535 included
+        with Image.open(tmp_path / "p" / file) as im:
+            assert im.mode == "I;16"
+            np.testing.assert_array_equal(np.asarray(im), want)
 
 
 # --- converters ----------------------------------------------------------------------------------------------------
@@ -381,8 +385,8 @@ def test_cli_eval_all_is_ten_columns_with_avg10_and_avg8(ten_sets, one_template,
     argv += ["--out", str(tmp_path), "--workers", "0", "--crop", "0", "--short-side", "112", "--save-predictions"]
     code, out, err = _run(argv, capsys)
     assert code == 0, err
-    assert "--save-predictions: none for ADE847, PC459" in err
-    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(f"{n}_sclip" for n in CLASSIC)
+    assert "--save-predictions" not in err  # every benchmark's predictions saved, no warning
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(f"{n}_sclip" for n in DATASETS)
     header, row = _row(out)
     assert header == ["method", *(PAPER_COLUMNS[n] for n in DATASETS), "Avg10", "Avg8"]
     summary = json.loads((tmp_path / "summary_sclip.json").read_text())
@@ -433,8 +437,6 @@ def test_cli_eval_errors_before_any_model(ten_sets, tmp_path, capsys):
     code, _, err = _run(["eval", "--all", "--data-root", str(only8), *base], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "2 of 10 datasets cannot be read (--eight runs the classic 8 alone): ADE847" in err and "PC459" in err
-    code, _, err = _run(["eval", "--dataset", "ade847", "--data-root", str(root), "--save-predictions", *base], capsys)
-    assert code == 2 and "ADE847's 847 classes do not fit label PNGs" in err
     code, _, err = _run(["eval", "--data-root", str(root), *base], capsys)
     assert code == 2 and "--all (the 10 benchmarks) or --eight" in err
     with pytest.raises(SystemExit) as exc:

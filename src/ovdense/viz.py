@@ -1,8 +1,10 @@
-"""Pictures to look at after segmenting: colour overlays with a legend, and palette label PNGs.
+"""Pictures to look at after segmenting: colour overlays with a legend, and label PNGs.
 
 All label maps are H x W integer arrays of class indices. Colours follow the PASCAL VOC colormap
 (class 0 black, 1 dark red, 2 dark green, ...), the same one VOC label PNGs and ``imgviz`` use, so a
-label PNG written here opens in any viewer with the usual VOC colours.
+label PNG of up to 256 classes written here is a palette PNG that opens in any viewer with the usual VOC
+colours. Label maps of more classes (ADE-847, PC-459, a long class list) are 16-bit greyscale PNGs whose
+pixel value is the class index, like the 16-bit label TIFFs those benchmarks ship with.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ __all__ = [
 ]
 
 MAX_PALETTE = 256  # a P-mode PNG holds at most 256 colours
+# The VOC formula interleaves 8 bits per channel, 3 index bits per step: every index below 2**24 gets its own colour.
+MAX_COLOURS = 2**24
+MAX_LABEL_VALUE = 65535  # the largest pixel value of a 16-bit label PNG
 _PANEL_BG = (255, 255, 255)
 _TEXT = (0, 0, 0)
 # Swatch outline: grey with channels that are not multiples of 32, so it never equals a VOC colour.
@@ -58,26 +63,28 @@ def label_palette(num_classes: int = MAX_PALETTE) -> np.ndarray:
     """The PASCAL VOC colormap: ``num_classes`` x 3 uint8 RGB, row ``i`` the colour of class ``i``.
 
     Class 0 is black, 1 is (128, 0, 0), 2 is (0, 128, 0), 3 is (128, 128, 0), ... (bits of the class
-    index interleaved into the high bits of R, G, B). At most 256 classes: a P-mode PNG has 256 colours.
+    index interleaved into the high bits of R, G, B). The first 256 rows are the VOC palette of label PNGs;
+    past them the same formula goes on (rows 0..2**24-1 are pairwise distinct), so 847 classes get 847
+    colours. At most 2**24 classes.
     """
     num_classes = int(num_classes)
-    if num_classes < 0 or num_classes > MAX_PALETTE:
-        raise VizInputError(f"num_classes must be in 0..{MAX_PALETTE}, got {num_classes}")
-    idx = np.arange(num_classes, dtype=np.int64)
-    cmap = np.zeros((num_classes, 3), dtype=np.int64)
+    if num_classes < 0 or num_classes > MAX_COLOURS:
+        raise VizInputError(f"num_classes must be in 0..{MAX_COLOURS}, got {num_classes}")
+    idx = np.arange(num_classes, dtype=np.uint32)  # 4 + 3 bytes a class: 2**24 classes stay near 120 MB
+    cmap = np.zeros((num_classes, 3), dtype=np.uint8)
     for j in range(8):
         shift = 7 - j
         for channel in range(3):
-            cmap[:, channel] |= ((idx >> (3 * j + channel)) & 1) << shift
-    return cmap.astype(np.uint8)
+            cmap[:, channel] |= (((idx >> (3 * j + channel)) & 1) << shift).astype(np.uint8)
+    return cmap
 
 
 def _as_palette(palette, what: str = "palette") -> np.ndarray:
     pal = np.asarray(palette)
     if pal.ndim != 2 or pal.shape[1] != 3:
         raise VizInputError(f"{what} must be N x 3 RGB, got shape {pal.shape}")
-    if pal.shape[0] > MAX_PALETTE:
-        raise VizInputError(f"{what} has {pal.shape[0]} colours; at most {MAX_PALETTE} are supported")
+    if pal.shape[0] > MAX_COLOURS:
+        raise VizInputError(f"{what} has {pal.shape[0]} colours; at most {MAX_COLOURS} are supported")
     if pal.size and (pal.min() < 0 or pal.max() > 255):
         raise VizInputError(f"{what} values must be in 0..255")
     return pal.astype(np.uint8)
@@ -214,8 +221,8 @@ def _check_names(class_names: Sequence[str]) -> list[str]:
     names = [str(n) for n in class_names]
     if not names:
         raise VizInputError("class_names is empty")
-    if len(names) > MAX_PALETTE:
-        raise VizInputError(f"{len(names)} classes; at most {MAX_PALETTE} can be coloured")
+    if len(names) > MAX_COLOURS:
+        raise VizInputError(f"{len(names)} classes; at most {MAX_COLOURS} can be coloured")
     return names
 
 
@@ -233,7 +240,7 @@ def blend(image, labels: np.ndarray, num_classes: int, alpha: float = 0.5, backg
     Args:
         image: H x W x 3 uint8 RGB array (H x W grey and H x W x 4 are accepted too) or a PIL image.
         labels: H x W integer class indices; values outside 0..num_classes-1 (255 "void", -1) are unlabelled.
-        num_classes: classes coloured with the VOC palette (<= 256).
+        num_classes: classes coloured with the VOC palette (:func:`label_palette`, any number).
         alpha: colour opacity in 0..1: ``rint(image.astype(float32) * (1 - alpha) + colour * alpha)``.
         background: a class drawn transparent (its pixels keep the image, as unlabelled ones do).
 
@@ -468,29 +475,67 @@ def save_image_atomic(img: Image.Image, path, format: str | None = None) -> None
     write_atomic(path, lambda f: img.save(f, format=format))
 
 
-def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None) -> None:
-    """Write a label map as a P-mode (palette) PNG, atomically, like VOC ``SegmentationClass`` files.
+def save_label_png(labels: np.ndarray, path, palette: np.ndarray | None = None, num_classes: int | None = None) -> None:
+    """Write a label map as a PNG, atomically: a palette PNG like VOC ``SegmentationClass`` files, or a 16-bit
+    greyscale PNG for more than 256 classes (the format rule is :func:`label_image`'s).
 
     Args:
-        labels: H x W integer class indices, all in 0..255 (pixel value = class index).
+        labels: H x W integer class indices (pixel value = class index).
         path: output file.
-        palette: N x 3 uint8 colours, N <= 256 and every label < N (default: the 256-colour VOC
-            palette, so 255 "void" gets its usual cream colour).
+        palette: N x 3 uint8 colours of a palette PNG, N <= 256 and every label < N (default: the 256-colour
+            VOC palette, so 255 "void" gets its usual cream colour).
+        num_classes: the classes the map's benchmark or class list has: more than 256 writes a 16-bit PNG
+            whatever values this map happens to hold, so every file of a run has one format.
     """
-    img = label_image(labels, palette)
+    img = label_image(labels, palette, num_classes)
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
-def label_image(labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
-    """A label map as a P-mode (palette) PIL image, pixel value = class index (see :func:`save_label_png`)."""
+def label_image(labels: np.ndarray, palette: np.ndarray | None = None, num_classes: int | None = None) -> Image.Image:
+    """A label map as a PIL image whose pixel value is the class index (see :func:`save_label_png`).
+
+    The format: a 16-bit greyscale image (mode ``"I;16"``) when ``num_classes`` is over 256, or when it is None,
+    no ``palette`` is given and a label is over 255; else a P-mode (palette) image, as VOC label PNGs. A 16-bit
+    PNG has no palette; its pixel value is the class index, 0..65535 (ADE-847's and PC-459's unlabelled 65535
+    stays 65535), and it reads back with Pillow as uint16 (``np.asarray(Image.open(path))``).
+
+    Args:
+        labels: H x W integer class indices: 0..255 (and < the palette's length) for a palette image, 0..65535 for
+            a 16-bit one; values past the class count (an ignore value such as 255 or 65535) are kept as they are.
+        palette: N x 3 uint8 colours, N <= 256, of a palette image (default: the 256-colour VOC palette); not
+            allowed with more than 256 classes.
+        num_classes: the number of classes (decides the format, see above); None: decided by the labels.
+
+    Returns:
+        ``W x H`` PIL image, mode ``"P"`` or ``"I;16"``.
+    """
     lab = _as_labels(labels)
-    pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
-    if lab.size and (int(lab.min()) < 0 or int(lab.max()) > 255):
-        raise VizInputError(f"label values must be in 0..255 for a PNG, got {int(lab.min())}..{int(lab.max())}")
     if lab.size == 0:
         raise VizInputError("labels are empty; a PNG needs at least 1 x 1 pixels")
+    lo, hi = int(lab.min()), int(lab.max())
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+            raise VizInputError(f"num_classes must be an integer, got {num_classes!r}")
+        if not 0 <= num_classes <= MAX_LABEL_VALUE + 1:
+            raise VizInputError(f"num_classes must be in 0..{MAX_LABEL_VALUE + 1} for a label PNG, got {num_classes}")
+        wide = num_classes > MAX_PALETTE
+    else:
+        wide = palette is None and hi > 255
+    size = (lab.shape[1], lab.shape[0])
+    if wide:
+        if palette is not None:
+            raise VizInputError(f"a 16-bit label PNG ({num_classes} classes) has no palette; pass palette=None")
+        if lo < 0 or hi > MAX_LABEL_VALUE:
+            raise VizInputError(f"label values must be in 0..{MAX_LABEL_VALUE} for a 16-bit PNG, got {lo}..{hi}")
+        # Explicit little-endian bytes: "I;16" is little-endian in Pillow whatever the machine's byte order.
+        return Image.frombytes("I;16", size, np.ascontiguousarray(lab, dtype="<u2").tobytes())
+    pal = label_palette(MAX_PALETTE) if palette is None else _as_palette(palette)
+    if len(pal) > MAX_PALETTE:
+        raise VizInputError(f"palette has {len(pal)} colours; a palette PNG holds at most {MAX_PALETTE}")
+    if lo < 0 or hi > 255:
+        raise VizInputError(f"label values must be in 0..255 for a palette PNG, got {lo}..{hi}")
     _check_range(lab, len(pal), f"the palette has {len(pal)} colours")
-    img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
+    img = Image.frombytes("P", size, np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
     img.putpalette(pal.reshape(-1).tolist(), rawmode="RGB")
     return img
 

@@ -52,7 +52,11 @@ def register(subparsers) -> None:
         "--limit", type=flag_type("limit", POSITIVE_INT), default=None, help="only the first N images (smoke runs)"
     )
     ev.add_argument("--out", default="results", help="where the tables go (markdown, CSV, JSON; default results)")
-    ev.add_argument("--save-predictions", action="store_true", help="also write label PNGs and overlays")
+    ev.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="also write label PNGs (16-bit greyscale for ADE847 and PC459: pixel = class index) and overlays",
+    )
     ev.add_argument(
         "--workers", type=flag_type("workers", COUNT), default=2, help="image-decoding worker processes (default 2)"
     )
@@ -129,14 +133,6 @@ def run(args) -> int:
         raise OvdenseError(f"{len(missing)} of {len(names)} datasets cannot be read{hint}: " + " | ".join(missing))
     if args.ignore_index is not None and not set(names) & set(LARGE):
         warnings.warn("--ignore-index changes ADE847 and PC459 only; the classic 8 leave out 255", stacklevel=1)
-    wide = [d.spec for d in datasets if d.spec.num_classes > 256]
-    if args.save_predictions and wide and len(names) == 1:
-        raise OvdenseError(f"--save-predictions: {wide[0].title}'s {wide[0].num_classes} classes do not fit label PNGs")
-    if args.save_predictions and wide:
-        warnings.warn(
-            f"--save-predictions: none for {', '.join(s.title for s in wide)} (more classes than label PNGs hold)",
-            stacklevel=1,
-        )
     for name in names:  # every benchmark's settings and options, before any model loads
         resolve_preset(args, name)
     for dataset in datasets:
@@ -157,8 +153,7 @@ def run(args) -> int:
         seg = segmenter(args, loaded, weights, dataset.spec.name, vfm, support=support)
         preset = seg.preset
         stem = f"{dataset.spec.name}_{preset.method}"
-        save = args.save_predictions and dataset.spec.num_classes <= 256  # PNG palettes hold 256 classes
-        save_dir = out / "predictions" / stem if save else None
+        save_dir = out / "predictions" / stem if args.save_predictions else None
         metrics = evaluate(seg, dataset, limit=args.limit, num_workers=args.workers, save_dir=save_dir)
         results[dataset.spec.name] = metrics
         if info.is_main:

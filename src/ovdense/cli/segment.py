@@ -56,12 +56,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..fileio import check_output_dir, check_outputs, write_group_atomic
-    from ..viz import MAX_PALETTE, label_image
+    from ..viz import MAX_LABEL_VALUE, label_image
 
     apply_max_pixels(args)
     classes = read_classes(args)
-    if len(classes) > MAX_PALETTE:
-        raise OvdenseError(f"{len(classes)} classes: a label PNG colours at most {MAX_PALETTE}")
+    if len(classes) > MAX_LABEL_VALUE + 1:  # more than 256: a 16-bit labels PNG (pixel = class index)
+        raise OvdenseError(f"{len(classes)} classes: a 16-bit label PNG holds at most {MAX_LABEL_VALUE + 1}")
     out = check_output_dir(args.out)
     images, sizes = decode_sizes(args.images)
     stems = unique_stems(images)
@@ -97,7 +97,9 @@ def run(args) -> int:
                 "areas": result.areas(),
                 "settings": result.settings,
             }
-            overlay, labels = result.overlay(alpha=args.alpha), label_image(result.labels)
+            # One format for every image of the run: 16-bit when the class list has more than 256 classes.
+            overlay = result.overlay(alpha=args.alpha)
+            labels = label_image(result.labels, num_classes=len(result.class_names))
             data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
             # The three files of an image appear together or not at all, also on Ctrl-C.
             write_group_atomic(

@@ -27,8 +27,10 @@ def evaluate(
 
     Images are decoded by ``num_workers`` DataLoader workers while the model runs. Under torchrun each
     process takes every world_size-th image and the per-class sums are all-reduced, so the result equals
-    a single process's. With ``save_dir``, each image's label PNG (palette; dataset class indices, i.e. after
-    ``reduce_zero_label``) and overlay are written there.
+    a single process's. With ``save_dir``, each image's label PNG (dataset class indices, i.e. after
+    ``reduce_zero_label``), its ground truth's (the dataset's values exactly, ignore value included) and the
+    overlay are written there: palette PNGs for up to 256 classes, 16-bit greyscale PNGs (pixel = class index)
+    for more (ADE-847, PC-459), one format for both files of every image.
 
     Returns:
         :class:`SegMetrics` over the whole (limited) dataset, identical on every rank.
@@ -42,8 +44,6 @@ def evaluate(
     classes = dataset.class_names(segmenter.preset.class_style)
     if len(classes) != spec.num_classes:
         raise OvdenseError(f"{spec.name}: class file has {len(classes)} classes, dataset has {spec.num_classes}")
-    if save_dir is not None and spec.num_classes > 256:  # before any work: label PNGs hold 256 classes
-        raise OvdenseError(f"{spec.name}: cannot save predictions of {spec.num_classes} classes as label PNGs")
     segmenter.text_classifier(classes)  # once, before the image loop
     if save_dir is not None:
         save_dir = Path(save_dir)
@@ -76,11 +76,15 @@ def evaluate(
         acc.update(result.labels, label)
         if save_dir is not None:
             background = spec.background_class
-            save_label_png(result.labels, save_dir / f"{sample['name']}.png")
-            save_label_png(label, save_dir / f"{sample['name']}_gt.png")
+            # num_classes picks the format from the benchmark, not from the values one image happens to hold.
+            save_label_png(result.labels, save_dir / f"{sample['name']}.png", num_classes=spec.num_classes)
+            save_label_png(label, save_dir / f"{sample['name']}_gt.png", num_classes=spec.num_classes)
+            # Drawn as not labelled: the value no class has (65535 in ADE-847 / PC-459, where 255 is a class).
+            unlabelled = 255 if spec.unlabelled is None else spec.unlabelled
             picture = prediction_and_truth(
-                result.image, result.labels, label, display_names(classes, background), background=background
-            )
+                result.image, result.labels, label, display_names(classes, background),
+                background=background, ignore_index=unlabelled,
+            )  # fmt: skip
             save_image_atomic(picture, save_dir / f"{sample['name']}_overlay.png")
     acc.all_reduce()
     return acc.compute(display_names(classes, spec.background_class))
