@@ -10,7 +10,9 @@ For one image (the network-size input of a :class:`~ovdense.predictor.Segmenter`
   map of :meth:`~ovdense.predictor.Segmenter.dense_features`, resampled bilinearly to the head's grid when the
   windows' map has another size, so both maps of the method share one grid); for the [CLS] row, CLIP's image
   embedding.
-- with a VFM (DINO / DINOv2), its last block's attention and the cosine affinity of its features.
+- with a VFM (DINO / DINOv2), its last block's attention and the cosine affinity of its features. A VFM run once on
+  the whole image at its own resolution (CorrCLIPv2's, :mod:`ovdense.vfm_native`) gives its affinity only, on its
+  native grid: its attention would take another pass of its own (RADIO's hub code shows none).
 
 :func:`attention_pass` runs the towers once and keeps every token's maps; :func:`maps_at` reads the rows of
 given points. Maps are on each source's own grid; :mod:`ovdense.viz` draws them over the image.
@@ -42,8 +44,9 @@ class AttentionPass:
         embedding: D, CLIP's L2-normalised image embedding ([CLS] after the unchanged last block, projected).
         head: M x M attention of the dense head (None: the head records none), over ``head_prefix`` prefix
             tokens then ``head_grid`` row-major.
-        vfm_attention: Nv x Nv last-block attention of the VFM, averaged over heads (None without a VFM), over
-            ``vfm_prefix`` prefix tokens then ``vfm_grid``; ``vfm_tokens``: Nv x C its L2-normalised final tokens.
+        vfm_attention: Nv x Nv last-block attention of the VFM, averaged over heads (None without a VFM or for a
+            native-resolution VFM), over ``vfm_prefix`` prefix tokens then ``vfm_grid``; ``vfm_tokens``: Nv x C its
+            L2-normalised final tokens (None without a VFM).
         input_size: (H, W) of the pass's input.
     """
 
@@ -74,7 +77,9 @@ class AttentionMaps:
             has no [CLS] (ProxyCLIP, CorrCLIP, SC-CLIP). None when the head records none.
         affinity: (1 + P) x h' x w', cosines in the final dense features ([CLS] row: the image embedding), on
             the head's grid.
-        vfm_attention, vfm_affinity: (1 + P) x hv x wv, or None without a VFM.
+        vfm_attention, vfm_affinity: (1 + P) x hv x wv, or None without a VFM. A native-resolution VFM
+            (CorrCLIPv2's) has its affinity alone (``vfm_attention`` None, the [CLS] row of ``vfm_affinity`` NaN:
+            its map has no prefix token).
         method: the head's name; ``vfm``: the VFM's name or None.
         image_size: (H0, W0) of the original image.
     """
@@ -103,6 +108,7 @@ class AttentionMaps:
         cols.append((f"{self.method} affinity", self.affinity))
         if self.vfm_attention is not None:
             cols.append((f"{self.vfm} attention", self.vfm_attention))
+        if self.vfm_affinity is not None:
             cols.append((f"{self.vfm} affinity", self.vfm_affinity))
         return cols
 
@@ -187,9 +193,10 @@ def maps_at(
     dense_cells = [token_at(p, image_size, result.head_grid) for p in points]
     affinity = _affinity(result.embedding.to(unit.device), unit, dense_cells)
     vfm_attention = vfm_affinity = None
-    if result.vfm_attention is not None:
+    if result.vfm_tokens is not None:
         vfm_cells = [token_at(p, image_size, result.vfm_grid) for p in points]
-        vfm_attention = _rows(result.vfm_attention, result.vfm_prefix, result.vfm_grid, vfm_cells)
+        if result.vfm_attention is not None:
+            vfm_attention = _rows(result.vfm_attention, result.vfm_prefix, result.vfm_grid, vfm_cells)
         h, w = result.vfm_grid
         tokens = result.vfm_tokens
         patches = tokens[result.vfm_prefix :].T.reshape(-1, h, w)
@@ -215,7 +222,7 @@ def pass_input_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def attention_pass(tower, head, images: torch.Tensor, inputs, vfm=None) -> AttentionPass:
+def attention_pass(tower, head, images: torch.Tensor, inputs, vfm=None, native_features=None) -> AttentionPass:
     """Run CLIP as trained, the dense head, and the VFM once over one image; keep every token's maps.
 
     Args:
@@ -225,9 +232,14 @@ def attention_pass(tower, head, images: torch.Tensor, inputs, vfm=None) -> Atten
             (:func:`pass_input_size`).
         inputs: the head's :class:`~ovdense.heads.PassInputs` (its VFM, text and 1 x H x W masks).
         vfm: the VFM whose own attention and affinity are shown (None: none shown).
+        native_features: instead of ``vfm``, C x h x w (or 1 x C x h x w) features of a VFM run once on the whole
+            image at its own resolution (:meth:`ovdense.vfm_native.DenseVfm.dense`): its affinity is shown on that
+            grid, without attention.
     """
     if images.ndim != 4 or images.shape[0] != 1:
         raise InvalidArgumentError(f"images: expected 1 x 3 x H x W, got {tuple(images.shape)}")
+    if vfm is not None and native_features is not None:
+        raise InvalidArgumentError("attention_pass: give vfm or native_features, not both")
     x, context = tower.embed(images, inputs.pos_rule)
     clip = {}
     for index in range(tower.num_blocks):
@@ -257,6 +269,10 @@ def attention_pass(tower, head, images: torch.Tensor, inputs, vfm=None) -> Atten
         result.vfm_tokens = F.normalize(tokens[0], dim=-1)
         result.vfm_grid = tuple(grid)
         result.vfm_prefix = int(vfm.model.num_prefix_tokens)
+    if native_features is not None:
+        grid = native_features.float().reshape(-1, *native_features.shape[-2:])  # C x h x w
+        result.vfm_tokens = F.normalize(grid.flatten(1).T, dim=-1)  # row-major cells, no prefix token
+        result.vfm_grid = (int(grid.shape[-2]), int(grid.shape[-1]))
     return result
 
 

@@ -292,7 +292,7 @@ class DemoSession:
                 summary = {"method": method, "size": list(result.labels.shape), "classes": result.class_names,
                            "areas": result.areas(), "settings": result.settings}  # fmt: skip
                 data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-                labels = label_image(result.labels)
+                labels = label_image(result.labels, num_classes=len(result.class_names))  # 16-bit past 256 classes
                 # The label PNG and its JSON appear together, as `ovdense segment` writes them.
                 write_group_atomic(
                     {
@@ -343,7 +343,8 @@ class DemoSession:
                     add(f"{method} attention", maps.head[1])
                 add(f"{method} affinity", maps.affinity[1])
                 if shown is not None:
-                    add(f"{maps.vfm} attention", maps.vfm_attention[1])
+                    if maps.vfm_attention is not None:  # a native-resolution VFM (corrclipv2's) has its affinity alone
+                        add(f"{maps.vfm} attention", maps.vfm_attention[1])
                     add(f"{maps.vfm} affinity", maps.vfm_affinity[1])
         return views
 

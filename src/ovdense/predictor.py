@@ -524,10 +524,7 @@ class Segmenter:
                 extra = self._input_ids[:, None].float()
             if self._vfm_map is not None:
                 # CorrCLIPv2 reads its VFM map at each window pixel's place; padding repeats the edge pixel.
-                height, width = self._input.shape[-2:]
-                rows = torch.arange(height, device=self.device, dtype=torch.float32)[:, None].expand(height, width)
-                cols = torch.arange(width, device=self.device, dtype=torch.float32)[None, :].expand(height, width)
-                extra = torch.cat([extra, torch.stack([rows, cols])[None]], dim=1)
+                extra = torch.cat([extra, self._pixel_coords()[None]], dim=1)
                 extra_pad = (float(MERGED_REGION_ID), None, None)
 
             def encode(x, maps=None):
@@ -698,6 +695,21 @@ class Segmenter:
             self._dense[key] = assemble_features(self._window_features(text))
         return self._dense[key]
 
+    def _pixel_coords(self) -> torch.Tensor:
+        """2 x H x W float32: the (row, column) of each pixel of the network input, the coordinates CorrCLIPv2's
+        passes read the image's VFM map at (:meth:`ovdense.vfm_map.VfmImageMap.window_features`)."""
+        height, width = self._input.shape[-2:]
+        rows = torch.arange(height, device=self.device, dtype=torch.float32)[:, None].expand(height, width)
+        cols = torch.arange(width, device=self.device, dtype=torch.float32)[None, :].expand(height, width)
+        return torch.stack([rows, cols])
+
+    @staticmethod
+    def _is_native_vfm(vfm) -> bool:
+        """Whether ``vfm`` runs once per whole image at its own resolution (a DenseVfm) rather than on a pass."""
+        from .vfm_native import DenseVfm
+
+        return isinstance(vfm, DenseVfm)
+
     @torch.no_grad()
     def attention_maps(self, points=(), layers: Sequence[int] | None = None, classes=None, vfm=None):
         """Where the [CLS] token and each point look (DeCLIP's Figure 1), on the current image.
@@ -705,12 +717,18 @@ class Segmenter:
         The towers run once over the whole network-size image (sides rounded to whole patches), cached until the
         next :meth:`set_image`; the affinity comes from :meth:`dense_features`. See :mod:`ovdense.attention`.
 
+        CorrCLIPv2 (a head whose VFM runs once per image): its pass reads the image's VFM map, as the windows do, at
+        the network-input pixel each pass pixel shows (nearest, the rule of its region masks); its VFM column is
+        the affinity of the VFM's native grid alone (no attention; the [CLS] row NaN). A memory bank
+        (``support``) is ignored: the maps show the head's own pass, before any fusion with retrieved regions.
+
         Args:
             points: (x, y) pixels of the original image, e.g. ``[(120, 80), (300, 200)]``.
             layers: CLIP blocks to show (1 = first); default all.
             classes: the class list, for heads that segment inside their pass (ResCLIP).
-            vfm: an :class:`ovdense.vfm.Vfm` whose attention and affinity to add (default the method's own VFM,
-                if it has one).
+            vfm: an :class:`ovdense.vfm.Vfm` whose attention and affinity to add, or an
+                :class:`ovdense.vfm_native.DenseVfm` whose native-grid affinity to add (default the method's own
+                VFM, if it has one).
 
         Returns:
             :class:`ovdense.attention.AttentionMaps`: for rows [CLS] + points, CLIP's attention per layer
@@ -720,10 +738,6 @@ class Segmenter:
 
         if self._image is None:
             raise OvdenseError("call set_image() before attention_maps()")
-        if self.head.native_vfm:
-            raise InvalidArgumentError(
-                f"attention maps of {self.preset.method} are not drawn yet (its VFM runs once per image, not per pass)"
-            )
         tower = self.loaded.tower
         layers = tuple(range(1, tower.num_blocks + 1)) if layers is None else tuple(layers)
         bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= tower.num_blocks]
@@ -735,16 +749,28 @@ class Segmenter:
         key = (id(text), id(vfm))
         if key not in self._attention:
             p = self.preset
-            multiple = lcm(tower.patch_size, p.pad_multiple, vfm.patch_size if vfm is not None else 0,
-                           self.vfm.patch_size if self.vfm is not None else 0)  # fmt: skip
-            size = pass_input_size(tuple(self._input.shape[-2:]), multiple)
+            # A native VFM never sees the pass, so its patch need not divide it.
+            on_pass = [v.patch_size for v in (vfm, self.vfm) if v is not None and not self._is_native_vfm(v)]
+            size = pass_input_size(tuple(self._input.shape[-2:]), lcm(tower.patch_size, p.pad_multiple, *on_pass))
             x = torch.nn.functional.interpolate(self._input, size=size, mode="bilinear", align_corners=False)
-            masks = None
-            if self._regions is not None:
-                masks = resize_region_ids(torch.from_numpy(self._regions).to(self.device)[None], size)
-            with self._autocast():
+            if self.head.native_vfm:
+                # As in the windows, the ids and the VFM map are read at network-input pixels: each pass pixel takes
+                # the (nearest) one it shows, so its region id and its VFM feature come from the same pixel.
+                coords = resize_region_ids(self._pixel_coords(), size)[None]  # rows, cols as a batch of 2 maps
+                masks = resize_region_ids(self._input_ids, size)
+                inputs = PassInputs(p.pos_rule, text=query, masks=masks, vfm_map=self._vfm_map, pixel_coords=coords)
+            else:
+                masks = None
+                if self._regions is not None:
+                    masks = resize_region_ids(torch.from_numpy(self._regions).to(self.device)[None], size)
                 inputs = PassInputs(p.pos_rule, text=query, vfm=self.vfm, masks=masks)
-                self._attention[key] = attention_pass(tower, self.head, x, inputs, vfm=vfm)
+            shown, native = vfm, None
+            if vfm is not None and self._is_native_vfm(vfm):  # shown by its native map (the image's, if its own)
+                own = vfm is self.vfm and self._vfm_map is not None
+                native = self._vfm_map.grid if own else vfm.dense(self._image)[0]
+                shown = None
+            with self._autocast():
+                self._attention[key] = attention_pass(tower, self.head, x, inputs, vfm=shown, native_features=native)
         dense = self.dense_features(classes)
         return maps_at(
             self._attention[key], pts, self._image.shape[:2], dense, layers, self.preset.method,

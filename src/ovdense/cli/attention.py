@@ -1,5 +1,8 @@
 """``ovdense attention``: where [CLS] and chosen points look (CLIP's attention per block, the head's, a VFM's),
-as a picture grid, the maps as ``.npy`` and a JSON summary per image."""
+as a picture grid, the maps as ``.npy`` and a JSON summary per image.
+
+A method whose VFM runs once per image at its own resolution (``corrclipv2``) shows that VFM's affinity alone: no
+``vfm_attention`` map is written and the grid has no column for it."""
 
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from .outputs import (
     run_inputs,
 )
 
-#: The maps written as ``.npy`` per image, in this order (the VFM's only when a VFM is shown).
+#: The maps written as ``.npy`` per image, in this order (the VFM's only when a VFM is shown; its attention only when
+#: the VFM runs on the pass, not once per image at its own resolution).
 ARRAYS = ("clip", "head", "affinity", "vfm_attention", "vfm_affinity")
 
 
@@ -75,12 +79,13 @@ def _parse_layers(raw: str | None) -> list[int] | None:
         raise OvdenseError(f"--layers: expected block numbers such as 4,8,12; got {raw!r}") from None
 
 
-def output_files(out: Path, stem: str, vfm_shown: bool) -> dict[str, Path]:
+def output_files(out: Path, stem: str, vfm_shown: bool, vfm_attention: bool = True) -> dict[str, Path]:
     """The files of one image, ``{kind: path}``: the grid, every map it may write (the head's only when the head
-    records its attention: every registered head does) and the JSON."""
+    records its attention: every registered head does; the VFM's attention only with ``vfm_attention``) and the
+    JSON."""
     files = {"picture": out / f"{stem}_attention.png"}
     for k in ARRAYS:
-        if vfm_shown or not k.startswith("vfm_"):
+        if (vfm_shown or not k.startswith("vfm_")) and (vfm_attention or k != "vfm_attention"):
             files[k] = out / f"{stem}_{k}.npy"
     files["json"] = out / f"{stem}_attention.json"
     return files
@@ -111,7 +116,8 @@ def run(args) -> int:
     check_network_sizes(images, sizes, preset)  # every limit the run meets, before any model loads ...
     check_mask_files(args, images, sizes)
     vfm_shown = bool(spec.uses_vfm or args.vfm or args.vfm_checkpoint)
-    files = [output_files(out, stem, vfm_shown) for stem in stems]
+    # A native-resolution VFM (corrclipv2's) gives no attention: its affinity alone.
+    files = [output_files(out, stem, vfm_shown, vfm_attention=not spec.native_vfm) for stem in stems]
     planned = {f: path for path, group in zip(images, files, strict=True) for f in group.values()}
     check_outputs(planned, run_inputs(args, images), args.overwrite)
     loaded, weights = load_for_cli(args)
