@@ -125,6 +125,17 @@ def test_v2_needs_its_map_and_coordinates(vit12):
         head.encode_dense(vit12.tower, torch.zeros(1, 3, 112, 112), PassInputs(masks=torch.zeros(1, 112, 112).long()))
 
 
+def test_a_vfm_of_the_other_kind_is_one_line(vit12, dense_vfm):
+    from ovdense.vfm import load_vfm
+
+    with pytest.raises(OvdenseError, match="corrclipv2 runs its VFM once per image") as info:
+        Segmenter.from_model(vit12, "corrclipv2", vfm=load_vfm("test-dino"), masks_dir=".")
+    assert "\n" not in str(info.value) and "'test-dino'" in str(info.value)
+    with pytest.raises(OvdenseError, match="proxyclip runs its VFM on every window") as info:
+        Segmenter.from_model(vit12, "proxyclip", vfm=dense_vfm)
+    assert "\n" not in str(info.value) and "'test-timm'" in str(info.value)
+
+
 def test_window_batch_changes_nothing(vit12, dense_vfm):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (100, 140, 3), dtype=np.uint8)

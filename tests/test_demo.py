@@ -132,6 +132,10 @@ def test_examples_ship_with_the_package():
         (["--methods", "sclip,segformer"], "--methods: expected a comma list"),
         (["--methods", "corrclip"], "add --mask-generator sam"),
         (["--methods", "sclip", "--mask-generator", "sam"], "apply to corrclip"),
+        (
+            ["--methods", "proxyclip,corrclipv2", "--mask-generator", "sam"],
+            "corrclipv2 runs a native-resolution VFM and proxyclip a per-window one",
+        ),
         (["--port", "70000"], "--port: port must be an integer in [1, 65535], got 70000"),
     ],
 )

@@ -52,6 +52,24 @@ def resolve_preset(method: str, dataset: str | None = None, **options) -> Preset
         raise InvalidArgumentError(str(err)) from None
 
 
+def check_vfm_kind(method: str, vfm, native: bool) -> None:
+    """Refuse, in one line, a loaded VFM of the other kind than the method runs: CorrCLIPv2 runs a
+    native-resolution :class:`~ovdense.vfm_native.DenseVfm` once per image, ProxyCLIP / CorrCLIP a
+    :class:`~ovdense.vfm.Vfm` per window."""
+    from .vfm_native import DenseVfm
+
+    if native and not isinstance(vfm, DenseVfm):
+        raise InvalidArgumentError(
+            f"{method} runs its VFM once per image at the image's resolution (ovdense.vfm_native.load_dense_vfm: "
+            f"radiov3, dinov2, timm:NAME...), not the per-window VFM {getattr(vfm, 'name', vfm)!r}"
+        )
+    if not native and isinstance(vfm, DenseVfm):
+        raise InvalidArgumentError(
+            f"{method} runs its VFM on every window (ovdense.vfm.load_vfm: dino-b8, dinov2-b...), not the "
+            f"native-resolution {vfm.name!r} of corrclipv2"
+        )
+
+
 def check_arguments(
     method: str, dataset, vfm, vfm_checkpoint, masks_dir, mask_generator, mask_model, options: dict
 ) -> Preset:
@@ -395,6 +413,8 @@ class Segmenter:
                 from .vfm import load_vfm
 
                 vfm = load_vfm(vfm or preset.vfm, checkpoint=vfm_checkpoint, device=device)
+        if spec.uses_vfm:
+            check_vfm_kind(method, vfm, spec.native_vfm)
         support = bank
         if isinstance(bank, (str, Path)):
             support = open_bank_support(

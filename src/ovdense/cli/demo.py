@@ -92,6 +92,13 @@ def run(args) -> int:
     needs_masks = [m for m, spec in specs.items() if spec.uses_masks]
     if needs_masks and not args.mask_generator:
         raise OvdenseError(f"{needs_masks[0]} needs class-agnostic masks of each upload: add --mask-generator sam")
+    native = [m for m, spec in specs.items() if spec.native_vfm]
+    windowed = [m for m, spec in specs.items() if spec.uses_vfm and not spec.native_vfm]
+    if native and windowed:  # one --vfm per demo: a native-resolution VFM (RADIO...) or a per-window one (DINO...)
+        raise OvdenseError(
+            f"{native[0]} runs a native-resolution VFM and {windowed[0]} a per-window one; the demo loads one --vfm: "
+            "start one demo for each"
+        )
     if args.mask_generator and not needs_masks:
         raise OvdenseError("--mask-generator and --mask-model apply to corrclip; it is not among --methods")
     _check_gradio()
