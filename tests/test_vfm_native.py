@@ -323,6 +323,22 @@ def test_radio_remote_code_from_a_local_folder(tmp_path, modules_cache):
     assert "is a file" in _one_line_error(e)
 
 
+def test_radio_remote_code_without_post_init_loads(tmp_path, modules_cache):
+    """RADIO's hub code of its v2.5 / C-RADIOv3 releases never calls post_init(), which transformers 5 needs."""
+    files, weights = _tiny_radio_files()
+    code = files["modeling_tiny_radio.py"].decode()
+    assert "        self.post_init()\n" in code
+    files["modeling_tiny_radio.py"] = code.replace("        self.post_init()\n", "").encode()
+    folder = tmp_path / "old_radio_code"
+    folder.mkdir()
+    for fname, data in files.items():
+        (folder / fname).write_bytes(data)
+    vfm = load_dense_vfm("radiov3", checkpoint=folder, device="cpu", trust_remote_code=True)
+    image = _image(37, 50, seed=3)
+    assert torch.allclose(vfm.dense(image)[0], _radio_expected(image, weights, (32, 48)), atol=1e-5, rtol=1e-5)
+    assert type(vfm.model).__name__ == "TinyRadioModel"
+
+
 def test_radio_remote_code_from_the_hub(hf_hub, modules_cache):
     files, weights = _tiny_radio_files()
     for fname, data in files.items():

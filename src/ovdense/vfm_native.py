@@ -370,10 +370,33 @@ def _radio_refusal(name: str, repo: RadioRepo) -> OvdenseError:
     )
 
 
-def _load_radio(name: str, repo: RadioRepo, checkpoint, dev: torch.device) -> DenseVfm:
-    """A RADIO model through transformers' ``AutoModel`` with remote code, from the hub (cache) or a folder."""
-    from transformers import AutoModel
+def _radio_class(where: str, kwargs: dict) -> type:
+    """The model class of a RADIO repo's remote code, as a subclass that runs ``post_init()`` after ``__init__``
+    where the code does not.
 
+    RADIO's hub code before NVlabs/RADIO 745b23a (2026-02-11; the RADIOv2.5 and C-RADIOv3 releases included) never
+    calls ``post_init()``, which transformers 5's ``from_pretrained`` needs (it reads ``all_tied_weights_keys``):
+    such a repo fails with "'RADIOModel' object has no attribute 'all_tied_weights_keys'". Newer code calls it
+    itself, and nothing changes. A subclass, so the remote module's own class is left as it is.
+    """
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(where, trust_remote_code=True, **kwargs)
+    remote = get_class_from_dynamic_module(config.auto_map["AutoModel"], where, **kwargs)
+
+    class PostInitRadio(remote):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            if not hasattr(self, "all_tied_weights_keys"):
+                self.post_init()
+
+    PostInitRadio.__name__ = PostInitRadio.__qualname__ = remote.__name__
+    return PostInitRadio
+
+
+def _load_radio(name: str, repo: RadioRepo, checkpoint, dev: torch.device) -> DenseVfm:
+    """A RADIO model through transformers' remote code (``auto_map``'s AutoModel), from the hub (cache) or a folder."""
     where, source, kwargs = model_folder_or_hub(
         repo.repo if checkpoint is None else checkpoint,
         f"VFM {name}",
@@ -383,7 +406,7 @@ def _load_radio(name: str, repo: RadioRepo, checkpoint, dev: torch.device) -> De
     )
     try:
         # fp32 weights: the authors' hub model is fp32 with fp16 autocast on CUDA (VF:83).
-        model = AutoModel.from_pretrained(where, trust_remote_code=True, dtype=torch.float32, **kwargs)
+        model = _radio_class(where, kwargs).from_pretrained(where, dtype=torch.float32, **kwargs)
     except Exception as err:
         raise OvdenseError(
             f"VFM {name} could not be loaded from {source} ({cause_line(err)}). "
