@@ -137,6 +137,15 @@ def test_examples_ship_with_the_package():
             "corrclipv2 runs a native-resolution VFM and proxyclip a per-window one",
         ),
         (["--port", "70000"], "--port: port must be an integer in [1, 65535], got 70000"),
+        (
+            ["--methods", "sclip", "--bank", "."],
+            "--bank: only corrclipv2 retrieves from a memory bank; it is not among",
+        ),
+        (["--methods", "corrclipv2", "--mask-generator", "sam", "--bank-name", "coco"], "give the memory bank with"),
+        (["--methods", "corrclipv2", "--mask-generator", "sam", "--bank", "no/such/dir"], "is not a folder"),
+        (["--methods", "sclip", "--sam3-score", "semantic"], "--sam3-score applies to sam3; it is not among --methods"),
+        (["--methods", "sam3"], "--model: sam3 runs its own model, not a CLIP (--sam3-model)"),
+        (["--methods", "sclip,sam3", "--sam3-prompt-batch", "0"], "--sam3-prompt-batch: prompt_batch (sam3) must be"),
     ],
 )
 def test_cli_demo_bad_flags_are_one_line(argv, message, capsys):
@@ -177,6 +186,118 @@ def test_cli_demo_serves_the_session(monkeypatch, capsys):
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and not launched["share"]
     err = capsys.readouterr().err
     assert "http://127.0.0.1:7999/" in err and "RANDOM" in err
+
+
+# ------------------------------------------------------------------------------------------ corrclipv2's memory bank
+
+V2 = {"short_side": 112, "crop": 112, "stride": 56}  # corrclipv2 on two windows: small and fast
+
+
+@pytest.fixture(scope="module")
+def v2_models():
+    """CorrCLIPv2's test CLIP (12 blocks) and native-resolution VFM."""
+    from ovdense.vfm_native import load_dense_vfm
+
+    return load_model("ovdense-test-vit12"), load_dense_vfm("test-timm")
+
+
+def _regions(image: np.ndarray) -> np.ndarray:
+    """A mask generator: four fixed regions (quadrants) of any image."""
+    h, w = image.shape[:2]
+    ids = np.zeros((h, w), np.int64)
+    ids[:, w // 2 :] += 1
+    ids[h // 2 :] += 2
+    return ids
+
+
+V2_CLASSES = "sky; person; tree; car"
+
+
+def _car_bank(root: Path, demo: DemoSession) -> Path:
+    """A bank (the authors' layout, main store only) whose every region's value is the text embedding of "car",
+    so retrieving from it pulls pixels towards class 3."""
+    import torch
+
+    from test_corrclipv2 import write_bank
+
+    text = demo.segmenters["corrclipv2"].text_classifier(V2_CLASSES).embeddings
+    generator = torch.Generator().manual_seed(0)
+    rows = text[3].repeat(40, 1) + 0.3 * torch.randn(40, text.shape[1], generator=generator)
+    keys = np.random.default_rng(0).normal(size=(40, demo.vfm.dim)).astype(np.float32)
+    write_bank(root, keys, {"metaclip_b": rows})
+    return root
+
+
+def _v2_session(models, tmp_path, **kwargs) -> DemoSession:
+    clip, vfm = models
+    return DemoSession(clip, ["corrclipv2"], vfm=vfm, mask_generator=_regions, text_cache_dir=False,
+                       out_dir=tmp_path, options={"corrclipv2": V2}, **kwargs)  # fmt: skip
+
+
+def test_corrclipv2_retrieves_from_the_bank(v2_models, tmp_path):
+    import json
+
+    from ovdense.bank.retrieval import BankSupport
+
+    image = np.asarray(Image.fromarray(PHOTO).resize((140, 105), Image.BILINEAR))
+    plain = _v2_session(v2_models, tmp_path / "plain")
+    bank = _car_bank(tmp_path / "memory_bank", plain)
+    support = BankSupport.open(bank, main_store="metaclip_b", num_support=5)
+    fused = _v2_session(v2_models, tmp_path / "fused", bank=support)
+    assert fused.segmenters["corrclipv2"].support is support and plain.segmenters["corrclipv2"].support is None
+    (without,) = plain.segment(image, V2_CLASSES, ["corrclipv2"])
+    (with_bank,) = fused.segment(image, V2_CLASSES, ["corrclipv2"])
+    # The bank is used: its "car" values pull pixels to class 3, and the JSON to download names it.
+    assert (with_bank.labels == 3).sum() > (without.labels == 3).sum()
+    assert not np.array_equal(with_bank.labels, without.labels)
+    summary = json.loads(Path(with_bank.files[1]).read_text())
+    assert summary["method"] == "corrclipv2" and summary["settings"]["crop"] == 112
+    # Another method than corrclipv2 retrieves nothing: a bank without it is refused, in one line.
+    with pytest.raises(OvdenseError) as info:
+        DemoSession(v2_models[0], ["sclip"], bank=support, out_dir=tmp_path)
+    assert str(info.value) == "bank: only corrclipv2 retrieves from a memory bank; it is not among sclip"
+
+
+def test_cli_demo_opens_the_bank_once(v2_models, tmp_path, monkeypatch, capsys):
+    import gradio as gr
+
+    import ovdense.mask_generators
+    import ovdense.predictor
+
+    bank = _car_bank(tmp_path / "memory_bank", _v2_session(v2_models, tmp_path / "t"))
+    launched, sessions, opened = {}, [], []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, app=self))
+    monkeypatch.setattr(DemoSession, "__init__", _recording(DemoSession.__init__, sessions))
+    monkeypatch.setattr(ovdense.predictor, "open_bank_support",
+                        _recording_call(ovdense.predictor.open_bank_support, opened))  # fmt: skip
+    monkeypatch.setattr(ovdense.mask_generators, "mask_generator", lambda name, **kw: _regions)
+    argv = ["demo", "--methods", "corrclip,corrclipv2", "--model", "ovdense-test-vit12", "--vfm", "test-timm",
+            "--mask-generator", "sam", "--text-cache", "off", "--device", "cpu", "--port", "7994"]  # fmt: skip
+    assert main(argv) == 2  # corrclip runs a per-window VFM: still refused, with or without a bank
+    assert "corrclipv2 runs a native-resolution VFM and corrclip a per-window one" in capsys.readouterr().err
+    argv[2] = "sclip,corrclipv2"
+    v2 = ["--bank", str(bank), "--aux-model", "none", "--corrclipv2-num-support", "4"]
+    assert main(argv + v2) == 0
+    (session,) = sessions
+    assert len(opened) == 1 and session.methods == ["sclip", "corrclipv2"]
+    support = session.segmenters["corrclipv2"].support
+    assert support.settings["bank"] == str(bank) and support.num_support == 4 and support.aux_store is None
+    assert session.segmenters["sclip"].support is None and session.vfm.name == "test-timm"
+    # A folder that is no bank: one line, exit 2, nothing served.
+    (tmp_path / "empty").mkdir()
+    launched.clear()
+    capsys.readouterr()
+    assert main(argv + ["--bank", str(tmp_path / "empty"), "--aux-model", "none"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ovdense: error")]
+    assert len(err) == 1 and "no bank in" in err[0] and not launched and len(sessions) == 1
+
+
+def _recording_call(function, calls):
+    def record(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return record
 
 
 # ------------------------------------------------------------------------------------------ the browser
@@ -480,6 +601,8 @@ def test_detection_session_defaults_and_examples(fvit_files, tmp_path):
         (["--detector", "{d}/fvit.pth", "--class-embeddings", "missing.pt"], "--class-embeddings: file not found"),
         (["--detector", "{d}/fvit.pth", "--methods", "sclip"], "--methods applies to the segmentation page"),
         (["--detector", "{d}/fvit.pth", "--vfm", "dino-b8"], "--vfm applies to the segmentation page"),
+        (["--detector", "{d}/fvit.pth", "--sam3-model", "x"], "--sam3-model applies to the segmentation page"),
+        (["--detector", "{d}/fvit.pth", "--bank", "x"], "--bank applies to the segmentation page"),
         (["--class-embeddings", "{d}/emb.pt"], "--class-embeddings applies to the detection page: add --detector"),
         (["--detector", "{d}/fvit.pth", "--score-threshold", "1.5"], "--score-threshold: score_threshold must be"),
         (["--detector", "{d}/fvit.pth", "--max-detections", "0"], "--max-detections"),

@@ -9,7 +9,10 @@ and, with a VFM, the VFM's attention and affinity (:mod:`ovdense.attention`).
 :class:`DemoSession` holds the models and does the work (no Gradio in it, so it is tested directly);
 :func:`build_app` lays out the Gradio page (extra ``[demo]``: ``pip install 'ovdense[demo]'``). One CLIP serves
 every method; each method's :class:`~ovdense.predictor.Segmenter` keeps the image's features, so changing only
-the classes reruns only the text side.
+the classes reruns only the text side. A method with a model of its own (``sam3``) gets that model, loaded once,
+and its own segmenter beside them; it draws no attention maps (the attention part shows the CLIP methods' maps, and
+a demo of such methods alone has no CLIP and no attention part). CorrCLIPv2 takes a memory bank opened once
+(``bank=``).
 
 With ``--detector`` (``ovdense demo --detector fvit.pth ...``) the page is a **detection** page instead, and only
 that: :class:`DetectionSession` holds an F-ViT :class:`~ovdense.detection.detector.Detector`; upload an image, type
@@ -55,6 +58,7 @@ __all__ = [
     "detection_examples",
     "detections_html",
     "example_images",
+    "random_weights_warning",
     "read_upload",
 ]
 
@@ -98,6 +102,16 @@ def detection_examples(vocabulary: Sequence[str] | None = None) -> list[tuple[st
             classes = "; ".join(", ".join(group) for group in groups if group) or "; ".join(list(vocabulary)[:3])
         examples.append((str(folder / name), classes))
     return examples
+
+
+def random_weights_warning(models: Sequence, meaning: str = "the labels and maps mean nothing") -> str | None:
+    """The page's top line naming every model with RANDOM test weights (``is_test_model``): the CLIP, the VFM, a
+    method's own model (SAM 3); None when there is none (``models`` may hold None for a model not loaded)."""
+    random = [m for m in models if getattr(m, "is_test_model", False)]
+    names = [getattr(m, "model_name", None) or getattr(m, "name", "") for m in random]
+    if not names:
+        return None
+    return f"WARNING: {' and '.join(names)}: RANDOM test weights; {meaning} (for trying the page only)."
 
 
 def read_upload(path: str | Path | None) -> np.ndarray:
@@ -164,7 +178,9 @@ class DemoSession:
     """The demo's models and work: segment an image with several methods, and the maps of a clicked point.
 
     Args:
-        loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every method; the towers run where it is.
+        loaded: the CLIP (:func:`ovdense.weights.load_model`), shared by every CLIP method; the towers run where it
+            is. None when every method runs a model of its own (``sam3`` alone): the session then draws no attention
+            maps.
         methods: method names (:func:`ovdense.list_methods`).
         precision, window_batch: as :class:`~ovdense.predictor.Segmenter`.
         vfm: an :class:`ovdense.vfm.Vfm`: the VFM of methods that use one (ProxyCLIP, CorrCLIP), and the VFM
@@ -172,8 +188,20 @@ class DemoSession:
         mask_generator: class-agnostic masks for CorrCLIP (see :mod:`ovdense.mask_generators`).
         text_cache_dir: as :class:`~ovdense.predictor.Segmenter`.
         out_dir: where the downloadable files go (default: a new temporary folder).
-        warning: a line shown at the top of the page (the random test model's).
+        warning: a line shown at the top of the page (the random test model's; :func:`random_weights_warning`).
         weights: how ``loaded``'s weights were chosen (:class:`ovdense.weights.WeightsChoice`), for the settings.
+        options: ``{method: {name: value}}``: a method's options and preset settings (as ``get_preset`` takes
+            them), for methods among ``methods``.
+        own_models: ``{method: model}`` for each method that runs a model of its own instead of a CLIP dense
+            head (``sam3``: :meth:`ovdense.sam3.Sam3Head.load`), loaded once; its segmenter comes from its head
+            class (``Sam3Head.segmenter``).
+        bank: a memory bank's :class:`~ovdense.bank.retrieval.BankSupport`
+            (:func:`ovdense.predictor.open_bank_support`), opened once, for the methods that retrieve from one
+            (``corrclipv2``).
+
+    Raises:
+        InvalidArgumentError: no or unknown methods; a method without what it needs (a VFM, masks, its own model,
+            a CLIP); options, own models or a bank that no method among ``methods`` takes (one line).
     """
 
     def __init__(
@@ -188,21 +216,55 @@ class DemoSession:
         out_dir: str | Path | None = None,
         warning: str | None = None,
         weights=None,
+        options: dict[str, dict] | None = None,
+        own_models: dict | None = None,
+        bank=None,
     ):
-        from .methods import get_method
-        from .predictor import Segmenter
+        from .methods import get_method, head_class
+        from .predictor import Segmenter, resolve_preset
 
         if not methods:
             raise InvalidArgumentError("methods: give at least one method")
+        methods = list(dict.fromkeys(methods))
+        options, own_models = dict(options or {}), dict(own_models or {})
+        for what, given in (("options", options), ("own_models", own_models)):
+            stray = [m for m in given if m not in methods]
+            if stray:
+                raise InvalidArgumentError(f"{what}: {stray[0]} is not among the methods ({', '.join(methods)})")
+        specs = {}
+        for method in methods:
+            try:
+                specs[method] = get_method(method)
+            except ValueError as err:
+                raise InvalidArgumentError(str(err)) from None
+        if bank is not None and not any(spec.native_vfm for spec in specs.values()):
+            raise InvalidArgumentError(
+                f"bank: only corrclipv2 retrieves from a memory bank; it is not among {', '.join(methods)}"
+            )
         self.loaded = loaded
         self.vfm = vfm
         self.warning = warning
         self.segmenters: dict[str, Segmenter] = {}
-        for method in dict.fromkeys(methods):
-            try:
-                spec = get_method(method)
-            except ValueError as err:
-                raise InvalidArgumentError(str(err)) from None
+        for method, spec in specs.items():
+            if spec.own_model:  # SAM 3: its own model, its own segmenter (set_image / predict as Segmenter's)
+                if method not in own_models:
+                    raise InvalidArgumentError(f"{method} runs a model of its own: give it in own_models[{method!r}]")
+                own, given = own_models[method], dict(options.get(method, {}))
+                # The preset's ``model`` names the model given (the records say which SAM 3 ran, not the default).
+                name = getattr(own, "model_name", None)
+                if given.get("model") not in (None, name):
+                    raise InvalidArgumentError(
+                        f"options: {method} model {given['model']!r} is not the one given ({name})"
+                    )
+                if name:
+                    given["model"] = name
+                preset = resolve_preset(method, None, **given)
+                self.segmenters[method] = head_class(method).segmenter(own, preset, precision)
+                continue
+            if method in own_models:
+                raise InvalidArgumentError(f"own_models: {method} runs on the CLIP, not on a model of its own")
+            if loaded is None:
+                raise InvalidArgumentError(f"{method} runs on a CLIP: start the demo with one (--model)")
             if spec.uses_vfm and vfm is None:
                 raise InvalidArgumentError(f"{method} needs a VFM: start the demo with --vfm (e.g. dino-b8)")
             if spec.uses_masks and mask_generator is None:
@@ -210,8 +272,10 @@ class DemoSession:
             self.segmenters[method] = Segmenter.from_model(
                 loaded, method, precision=precision, window_batch=window_batch, text_cache_dir=text_cache_dir,
                 vfm=vfm if spec.uses_vfm else None, mask_generator=mask_generator if spec.uses_masks else None,
-                weights=weights,
+                weights=weights, bank=bank if spec.native_vfm else None, **options.get(method, {}),
             )  # fmt: skip
+        # The methods whose maps the attention page shows: those on the CLIP (a model of its own draws none).
+        self.attention_methods = [m for m, spec in specs.items() if not spec.own_model]
         self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ovdense-demo-"))
         self._keys: dict[str, str] = {}
         self._lock = threading.Lock()  # one request at a time uses the models
@@ -223,7 +287,13 @@ class DemoSession:
 
     @property
     def num_blocks(self) -> int:
-        return self.loaded.tower.num_blocks
+        """The CLIP's blocks (0 without a CLIP)."""
+        return 0 if self.loaded is None else self.loaded.tower.num_blocks
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether a clicked point has maps: some method runs on the CLIP."""
+        return bool(self.attention_methods)
 
     #: :func:`read_upload`.
     read_image = staticmethod(read_upload)
@@ -310,16 +380,26 @@ class DemoSession:
         self, image: np.ndarray, point: Sequence[float], layer: int, classes: str, methods: Sequence[str]
     ) -> list[AttentionView]:
         """The maps of the clicked ``point`` (x, y pixels of ``image``): CLIP's attention in block ``layer``, each
-        method's head attention and affinity, the VFM's attention and affinity.
+        method's head attention and affinity, the VFM's attention and affinity. Methods with a model of their own
+        (``sam3``) draw no maps and are skipped.
 
         Raises:
-            OvdenseError: no image, a point outside it, a block out of range, no or unknown methods.
+            OvdenseError: no image, a point outside it, a block out of range, no or unknown methods, only methods
+                that draw no maps.
         """
         from .viz import attention_overlay
 
         if image is None:
             raise InvalidArgumentError("upload an image first (or pick an example)")
-        methods = self._check_methods(methods)
+        picked = self._check_methods(methods)
+        methods = [m for m in picked if m in self.attention_methods]
+        if not methods:
+            skipped = ", ".join(picked)
+            if not self.attention_methods:
+                raise InvalidArgumentError(f"{skipped} draws no attention maps (a model of its own, no CLIP)")
+            raise InvalidArgumentError(
+                f"{skipped} draws no attention maps: tick a CLIP method ({', '.join(self.attention_methods)})"
+            )
         layer = int(layer)
         if not 1 <= layer <= self.num_blocks:
             raise InvalidArgumentError(f"block {layer}: the model has blocks 1..{self.num_blocks}")
@@ -613,20 +693,30 @@ def build_app(session: DemoSession | DetectionSession, default_methods: Sequence
             return gr.skip(), gr.skip()
         return on_attention(path, point, layer, classes, picked)
 
+    # Methods with a model of their own (SAM 3) draw no attention maps; without a CLIP the page has no attention part.
+    no_maps = [m for m in methods if m not in session.attention_methods]
+    if not session.has_attention:
+        click = ""
+    elif no_maps:
+        click = (f" Then click a point of the image to see where it looks ({', '.join(no_maps)}: a model of its own, "
+                 "no attention maps).")  # fmt: skip
+    else:
+        click = " Then click a point of the image to see where it looks."
     with gr.Blocks(title="ovdense demo") as app:
         gr.Markdown(
             "# ovdense: label every pixel with any words\n"
             "Upload an image, type classes (`;` between classes, `,` between names of one class; put background words "
-            "first and raise the background threshold to leave unsure pixels unlabelled), tick methods, **Segment**. "
-            "Then click a point of the image to see where it looks."
+            "first and raise the background threshold to leave unsure pixels unlabelled), tick methods, **Segment**."
+            + click
         )
         if session.warning:
             gr.HTML(f'<div id="model-warning" style="color:#b00;font-weight:bold">{html.escape(session.warning)}</div>')
         with gr.Row():
             with gr.Column(scale=1):
                 # image_mode=None: the file as uploaded, decoded as the command line decodes it (read_image).
-                image = gr.Image(type="filepath", image_mode=None, label="image (click a point: attention below)",
-                                 elem_id="image", sources=["upload", "clipboard"])  # fmt: skip
+                label = "image (click a point: attention below)" if session.has_attention else "image"
+                image = gr.Image(type="filepath", image_mode=None, label=label, elem_id="image",
+                                 sources=["upload", "clipboard"])  # fmt: skip
                 hand_over_as_uploaded(image)
                 classes = gr.Textbox(label="classes", value=EXAMPLES[0][1], elem_id="classes")
                 picked = gr.CheckboxGroup(methods, value=chosen, label="methods", elem_id="methods")
@@ -642,14 +732,21 @@ def build_app(session: DemoSession | DetectionSession, default_methods: Sequence
                 legend = gr.HTML(elem_id="legend")
                 files = gr.File(label="label PNGs and JSON", file_count="multiple", elem_id="downloads",
                                 interactive=False)  # fmt: skip
+        run.click(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
+        classes.submit(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
+        if not session.has_attention:  # one line in place of the controls, which would have nothing to show
+            gr.Markdown(
+                f"No attention maps: {', '.join(no_maps)} runs a model of its own, not a CLIP (start the demo with a "
+                f"CLIP method too, e.g. `--methods sclip,{no_maps[0]}`, to click a point for attention).",
+                elem_id="attention-note",
+            )
+            return app
         layer = gr.Slider(1, session.num_blocks, value=session.num_blocks, step=1, label="CLIP block",
                           elem_id="layer")  # fmt: skip
         peaks = gr.HTML(elem_id="peaks")
         attention = gr.Gallery(label="attention and affinity of the clicked point", elem_id="attention", columns=4,
                                format="png", interactive=False, object_fit="contain")  # fmt: skip
         point = gr.State(None)
-        run.click(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
-        classes.submit(on_segment, [image, classes, picked, threshold], [overlays, legend, files])
         image.select(on_click, [image, layer, classes, picked], [attention, peaks, point])
         layer.change(on_layer, [image, point, layer, classes, picked], [attention, peaks])
     return app

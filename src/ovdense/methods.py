@@ -500,7 +500,7 @@ def create_head(name: str, **options):
     if spec.own_model:
         raise ValueError(
             f"{name} is not a CLIP dense head but a model of its own: see {spec.head.split(':')[0]} "
-            f"(ovdense segment/eval --method {name})"
+            f"(ovdense segment/eval --method {name}, or ovdense demo --methods {name})"
         )
     return head_class(name)(**check_options(name, options))
 

@@ -38,11 +38,20 @@ PRESET_FLAGS = ("short_side", "long_side", "crop", "stride", "logit_scale", "pro
 
 
 def add_model_args(
-    p: argparse.ArgumentParser, preset_overrides: bool = True, masks: bool = False, method: bool = True
+    p: argparse.ArgumentParser,
+    preset_overrides: bool = True,
+    masks: bool = False,
+    method: bool = True,
+    bank: bool | None = None,
+    options: bool | None = None,
 ) -> None:
     """The "model" flag group, the method options generated from the registry (``--METHOD-OPTION``) and, with
-    ``preset_overrides``, the flags overriding the method's settings."""
+    ``preset_overrides``, the flags overriding the method's settings. ``bank`` (the memory-bank flags) and
+    ``options`` (the ``--METHOD-OPTION`` flags) default to ``method``; the demo (no --method) asks for them."""
     from ..precision import PRECISIONS
+
+    bank = method if bank is None else bank
+    options = method if options is None else options
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -91,7 +100,7 @@ def add_model_args(
         action="store_true",
         help="let a VFM run code from its hub repository (C-RADIO for corrclipv2: NVIDIA Source Code License-NC)",
     )
-    if method:
+    if bank:
         b = p.add_argument_group("memory bank (corrclipv2)")
         b.add_argument("--bank", default=None, help="a memory_bank/ folder (the authors' layout; ovdense bank build)")
         b.add_argument("--bank-name", default=None, help="which bank of a folder holding several")
@@ -132,7 +141,7 @@ def add_model_args(
         default=None,
         help="largest image to decode, in pixels (default Pillow's ~89.5 MP or $OVDENSE_MAX_PIXELS; 0 = no limit)",
     )
-    if method:
+    if options:
         add_method_option_flags(p)
     if not preset_overrides:
         return
