@@ -240,9 +240,15 @@ def check_inputs(args, images=(), dataset: str | None = None, any_vfm: bool = Fa
         mask_generator=getattr(args, "mask_generator", None), mask_model=getattr(args, "mask_model", None),
         images=images, dataset=dataset, any_vfm=any_vfm, masks_required=True,
     )  # fmt: skip
+    check_bank_flags(args, get_method(args.method).native_vfm, f", not {args.method}")
+
+
+def check_bank_flags(args, retrieves: bool, without: str) -> None:
+    """The memory-bank flags before anything loads: only where a method retrieves (``retrieves``; ``without`` ends the
+    refusal's line, naming what was asked instead), --bank a folder, the other bank flags only with --bank."""
     given = [f"--{n.replace('_', '-')}" for n in bank_options(args) if n != "trust_remote_code"]
-    if given and not get_method(args.method).native_vfm:
-        raise OvdenseError(f"{', '.join(given)}: only corrclipv2 retrieves from a memory bank, not {args.method}")
+    if given and not retrieves:
+        raise OvdenseError(f"{', '.join(given)}: only corrclipv2 retrieves from a memory bank{without}")
     if getattr(args, "bank", None) is not None and not Path(args.bank).is_dir():
         raise OvdenseError(f"--bank: {args.bank} is not a folder (a memory_bank/ folder: ovdense bank build)")
     if given and getattr(args, "bank", None) is None:

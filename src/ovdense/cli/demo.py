@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from ..errors import OvdenseError
 from ..methods import head_class
@@ -21,7 +20,7 @@ from .common import (
     add_detector_args,
     add_model_args,
     apply_max_pixels,
-    bank_options,
+    check_bank_flags,
     load_for_cli,
     load_vfm_for_cli,
     method_options,
@@ -134,15 +133,7 @@ def _check_method_flags(args, methods: list[str], specs: dict) -> None:
         if dest.startswith("option:") and value is not None and dest.split(":")[1] not in methods:
             _, method, option = dest.split(":")
             raise OvdenseError(f"{option_flag(method, option)} applies to {method}; it is not among --methods")
-    given = [f"--{n.replace('_', '-')}" for n in bank_options(args) if n != "trust_remote_code"]
-    if given and not any(spec.native_vfm for spec in specs.values()):
-        raise OvdenseError(
-            f"{', '.join(given)}: only corrclipv2 retrieves from a memory bank; it is not among --methods"
-        )
-    if args.bank is not None and not Path(args.bank).is_dir():
-        raise OvdenseError(f"--bank: {args.bank} is not a folder (a memory_bank/ folder: ovdense bank build)")
-    if given and args.bank is None:
-        raise OvdenseError(f"{', '.join(given)}: give the memory bank with --bank")
+    check_bank_flags(args, any(spec.native_vfm for spec in specs.values()), "; it is not among --methods")
     own = [m for m, spec in specs.items() if spec.own_model]
     if own and len(own) == len(methods):
         clip_flags = _given(args, CLIP_FLAGS)
